@@ -1,0 +1,246 @@
+"""CogView3-Plus diffusion transformer (MMDiT with joint text-image attention).
+
+Parameter names equal the diffusers checkpoint keys, so a state dict loads with
+strict=True and no renaming. `forward` has no host syncs and no branching on tensor
+values, so it compiles with `torch.compile(fullgraph=True)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Keys diffusers writes into config.json that do not shape the network.
+_IGNORED_CONFIG_KEYS = {"pooled_projection_dim"}
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    patch_size: int = 2
+    in_channels: int = 16
+    num_layers: int = 30
+    attention_head_dim: int = 40
+    num_attention_heads: int = 64
+    out_channels: int = 16
+    text_embed_dim: int = 4096
+    time_embed_dim: int = 512
+    condition_dim: int = 256
+    pos_embed_max_size: int = 128
+    sample_size: int = 128
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        return cls(**_known_fields(cls, d, "transformer"))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _known_fields(cls, d: dict, component: str) -> dict:
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in d if k not in names and not k.startswith("_") and k not in _IGNORED_CONFIG_KEYS]
+    if unknown:
+        raise ValueError(f"{component}/config.json has unknown key(s) {sorted(unknown)}")
+    return {k: v for k, v in d.items() if k in names}
+
+
+def sincos_table(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table [grid, grid, dim]; first half encodes the column, second the row."""
+    quarter = dim // 4
+    omega = torch.arange(quarter, dtype=torch.float64) / (dim / 4.0)
+    omega = 1.0 / 10000**omega  # [dim/4]
+    pos = torch.arange(grid, dtype=torch.float64)
+    ang = torch.outer(pos, omega)  # [grid, dim/4]
+    one_d = torch.cat([ang.sin(), ang.cos()], dim=1)  # [grid, dim/2]
+    col = one_d[None, :, :].expand(grid, grid, dim // 2)  # indexed [row, col]
+    row = one_d[:, None, :].expand(grid, grid, dim // 2)
+    return torch.cat([col, row], dim=-1).float()
+
+
+def timestep_sinusoid(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """[N] -> [N, dim] float32 sinusoid, cosine half first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    ang = values.float()[:, None] * freqs[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding / PixArt text projection)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeConditionEmbed(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.timestep_dim = cfg.inner_dim
+        self.condition_dim = cfg.condition_dim
+        self.timestep_embedder = MLPEmbedder(cfg.inner_dim, cfg.time_embed_dim)
+        self.condition_embedder = MLPEmbedder(6 * cfg.condition_dim, cfg.time_embed_dim)
+
+    def forward(self, timestep, original_size, target_size, crop_coords, dtype) -> torch.Tensor:
+        n = timestep.shape[0]
+        t = timestep_sinusoid(timestep, self.timestep_dim)
+        # order is original size, crop coords, target size: [N, 6 * condition_dim]
+        sizes = [original_size, crop_coords, target_size]
+        cond = torch.cat([timestep_sinusoid(s.flatten(), self.condition_dim).view(n, -1) for s in sizes], dim=1)
+        return self.timestep_embedder(t.to(dtype)) + self.condition_embedder(cond.to(dtype))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.pos_embed_max_size
+        self.dim = cfg.inner_dim
+        self.proj = nn.Linear(cfg.in_channels * cfg.patch_size**2, cfg.inner_dim)
+        self.text_proj = nn.Linear(cfg.text_embed_dim, cfg.inner_dim)
+        self.register_buffer("pos_embed", sincos_table(self.dim, self.grid), persistent=False)
+
+    def init_buffers(self, device) -> None:
+        self.pos_embed = sincos_table(self.dim, self.grid).to(device)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        n, c, hl, wl = x.shape
+        p = self.patch_size
+        h, w = hl // p, wl // p
+        # tokens: [N, h*w, C*p*p], feature = c*p*p + dy*p + dx
+        tokens = x.view(n, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, c * p * p)
+        seq = torch.cat([self.text_proj(text), self.proj(tokens)], dim=1)
+        img_pos = self.pos_embed[:h, :w].reshape(h * w, self.dim)
+        pos = torch.cat([img_pos.new_zeros(text.shape[1], self.dim), img_pos], dim=0)
+        # the add runs in the table's dtype (fp32), then rounds back, as the reference does
+        return (seq + pos[None]).to(seq.dtype)
+
+
+class AdaNormZeroTextImage(nn.Module):
+    def __init__(self, time_dim: int, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 12 * dim)
+
+    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # 12 x [N, 1, D]: shift/scale/gate for msa and mlp, image stream then text stream
+        return tuple(m[:, None] for m in self.linear(F.silu(emb)).chunk(12, dim=1))
+
+
+class JointAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(dim, heads * head_dim)
+        self.to_k = nn.Linear(dim, heads * head_dim)
+        self.to_v = nn.Linear(dim, heads * head_dim)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Identity()])
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        n, length, _ = s.shape
+        # q, k, v: [N, H, L, Dh]
+        q, k, v = (f(s).view(n, length, self.heads, self.head_dim).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        q = F.layer_norm(q, (self.head_dim,), eps=1e-6)
+        k = F.layer_norm(k, (self.head_dim,), eps=1e-6)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).reshape(n, length, self.heads * self.head_dim))
+
+
+class GELUProj(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.norm1 = AdaNormZeroTextImage(cfg.time_embed_dim, dim)
+        self.attn1 = JointAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: image stream [N, Li, D]; c: text stream [N, Lt, D]
+        (sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp,
+         c_sh_msa, c_sc_msa, c_g_msa, c_sh_mlp, c_sc_mlp, c_g_mlp) = self.norm1(emb)
+        lt = c.shape[1]
+        joint = torch.cat([_modulate(c, c_sh_msa, c_sc_msa), _modulate(x, sh_msa, sc_msa)], dim=1)
+        attn = self.attn1(joint)
+        x = x + g_msa * attn[:, lt:]
+        c = c + c_g_msa * attn[:, :lt]
+        ff = self.ff(torch.cat([_modulate(c, c_sh_mlp, c_sc_mlp), _modulate(x, sh_mlp, sc_mlp)], dim=1))
+        x = x + g_mlp * ff[:, lt:]
+        c = c + c_g_mlp * ff[:, :lt]
+        if x.dtype == torch.float16:
+            x, c = x.clip(-65504, 65504), c.clip(-65504, 65504)
+        return x, c
+
+
+class AdaNormOut(nn.Module):
+    def __init__(self, time_dim: int, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(emb).to(x.dtype)).chunk(2, dim=1)
+        return _modulate(x, shift[:, None], scale[:, None], eps=1e-6)
+
+
+class CogView3PlusTransformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.time_condition_embed = TimeConditionEmbed(config)
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.norm_out = AdaNormOut(config.time_embed_dim, config.inner_dim)
+        p = config.patch_size
+        self.proj_out = nn.Linear(config.inner_dim, p * p * config.out_channels)
+
+    def init_buffers(self, device) -> None:
+        self.patch_embed.init_buffers(device)
+
+    @property
+    def max_latent_size(self) -> int:
+        return self.config.pos_embed_max_size * self.config.patch_size
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
+        n, _, hl, wl = hidden_states.shape
+        p, co = self.config.patch_size, self.config.out_channels
+        lt = encoder_hidden_states.shape[1]
+        seq = self.patch_embed(hidden_states, encoder_hidden_states)
+        emb = self.time_condition_embed(timestep, original_size, target_size, crop_coords, seq.dtype)
+        c, x = seq[:, :lt], seq[:, lt:]
+        for block in self.transformer_blocks:
+            x, c = block(x, c, emb)
+        x = self.proj_out(self.norm_out(x, emb))  # [N, h*w, p*p*C]
+        h, w = hl // p, wl // p
+        x = x.view(n, h, w, co, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(n, co, h * p, w * p)
