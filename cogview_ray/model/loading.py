@@ -1,0 +1,206 @@
+"""Reading a CogView3-Plus checkpoint folder: model index, component configs, safetensors weights.
+
+Modules are built on the meta device and take the loaded tensors with `assign=True`, so a
+component costs one copy of its weights in memory. Pickle weights are never opened.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+PIPELINE_CLASS = "CogView3PlusPipeline"
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
+# Preferred file stems when a folder holds more than one candidate (diffusers, then transformers).
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+CONFIG_NAMES = ("config.json", "scheduler_config.json")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+_FP16_NAMES = {"float16", "fp16", "half"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message names what is wrong."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def read_model_index(path: str | Path) -> dict:
+    """Parse `model_index.json` of a checkpoint root and check every component folder exists."""
+    root = Path(path)
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(f"{root} is not a CogView3-Plus checkpoint folder: it has no model_index.json.")
+    index = _read_json(index_path)
+    class_name = index.get("_class_name")
+    if class_name is not None and class_name != PIPELINE_CLASS:
+        raise CheckpointError(f"{index_path} is for {class_name}, not {PIPELINE_CLASS}.")
+    for name in COMPONENTS:
+        if not index.get(name):
+            raise CheckpointError(f"{index_path} lists no '{name}' component, which CogView3-Plus needs.")
+        if not (root / name).is_dir():
+            raise CheckpointError(f"Checkpoint {root} has no '{name}' folder although model_index.json lists it.")
+    return index
+
+
+def load_component_config(folder: str | Path) -> dict:
+    """The component's `config.json` (models) or `scheduler_config.json` (scheduler) as a dict."""
+    folder = Path(folder)
+    for name in CONFIG_NAMES:
+        if (folder / name).is_file():
+            return _read_json(folder / name)
+    raise CheckpointError(f"{folder} has neither config.json nor scheduler_config.json.")
+
+
+def check_weights_format(folder: str | Path) -> None:
+    """Refuse a folder whose weights exist only as pickle files (they run code when loaded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"Weights folder {folder} does not exist.")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); pickle checkpoints can execute code "
+            "when opened and are not loaded; convert them to safetensors."
+        )
+    raise CheckpointError(f"{folder} holds no *.safetensors weights.")
+
+
+def _pick(candidates: list[Path], suffix: str, folder: Path) -> Path:
+    if len(candidates) == 1:
+        return candidates[0]
+    for stem in WEIGHT_STEMS:
+        for path in candidates:
+            if path.name == stem + suffix:
+                return path
+    names = ", ".join(p.name for p in candidates)
+    raise CheckpointError(f"{folder} holds several weight files ({names}) and none has a standard name.")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files that make up the component: all shards of an index, or one file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index_path = _pick(indexes, ".safetensors.index.json", folder)
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path} has no 'weight_map'.")
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path} names shard {missing[0]}, which is not in {folder}.")
+        return files
+    singles = sorted(p for p in folder.glob("*.safetensors"))
+    return [_pick(singles, ".safetensors", folder)]
+
+
+def load_safetensors_state(folder: str | Path, drop_prefixes: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Read a component's weights (single file or index-sharded) to CPU tensors in their disk dtype.
+
+    Keys starting with any of `drop_prefixes` are never read (e.g. the VAE encoder).
+    """
+    folder = Path(folder)
+    check_weights_format(folder)
+    drop = tuple(drop_prefixes)
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if drop and key.startswith(drop):
+                    continue
+                if key in state:
+                    raise CheckpointError(f"Weight '{key}' appears in more than one file of {folder}.")
+                state[key] = f.get_tensor(key)
+    return state
+
+
+def build_and_load(
+    module_factory: Callable[[], nn.Module],
+    state: dict[str, torch.Tensor],
+    device: str | torch.device,
+    dtype: torch.dtype,
+    name: str,
+) -> nn.Module:
+    """Build `module_factory()` on the meta device and move `state` into it (strict, by assignment).
+
+    Floating-point tensors are cast to `dtype` and moved to `device` one at a time; `state` is
+    emptied as it goes, so peak memory stays near one copy of the weights. Non-persistent buffers
+    are recomputed by the module's `init_buffers(device)`. Returns the module in eval mode with
+    gradients off.
+    """
+    with torch.device("meta"):
+        module = module_factory()
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = sorted(k for k in state if k not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing weight(s) {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected weight(s) {_few(unexpected)}")
+        raise CheckpointError(f"The {name} checkpoint does not match the model: {'; '.join(parts)}.")
+    for key, want in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"The {name} weight '{key}' has shape {list(got.shape)} in the checkpoint, "
+                f"but the model expects {list(want.shape)}."
+            )
+    loaded = {}
+    for key in list(state):
+        tensor = state.pop(key)
+        loaded[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        del tensor
+    module.load_state_dict(loaded, strict=True, assign=True)
+    del loaded
+    if hasattr(module, "init_buffers"):
+        module.init_buffers(device)
+    on_meta = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise CheckpointError(
+            f"The {name} module left {_few(on_meta)} on the meta device; its init_buffers(device) must recompute them."
+        )
+    return module.eval().requires_grad_(False)
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """Map a dtype setting to a torch dtype: "auto" is bfloat16 on CUDA and float32 elsewhere."""
+    if isinstance(name, torch.dtype):
+        if name == torch.float16:
+            name = "float16"
+        elif name in (torch.bfloat16, torch.float32):
+            return name
+        else:
+            name = str(name).removeprefix("torch.")
+    key = str(name).lower()
+    if key == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if key in _FP16_NAMES:
+        raise CheckpointError(
+            f"dtype {name!r} is not supported: CogView3-Plus overflows in float16 and gives black images; "
+            "use bfloat16 or float32."
+        )
+    if key not in _DTYPES:
+        raise CheckpointError(f"Unknown dtype {name!r}; use 'auto', 'bfloat16' or 'float32'.")
+    return _DTYPES[key]

@@ -1,0 +1,89 @@
+"""T5 prompt encoder: tokenizes and encodes prompts exactly as diffusers' CogView3PlusPipeline does."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import T5EncoderModel, T5Tokenizer
+
+from cogview_ray.model.loading import CheckpointError, check_weights_format
+
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+
+
+class TextEncoder:
+    """A T5 tokenizer plus T5 encoder on one device, in one dtype."""
+
+    def __init__(self, tokenizer: T5Tokenizer, model: T5EncoderModel, device: torch.device, dtype: torch.dtype):
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def from_folders(
+        cls,
+        text_encoder_dir: str | Path,
+        tokenizer_dir: str | Path,
+        device: str | torch.device,
+        dtype: torch.dtype,
+    ) -> "TextEncoder":
+        """Load `text_encoder/` (safetensors only) and `tokenizer/` (spiece.model or tokenizer.json)."""
+        text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
+        device = torch.device(device)
+        if not tokenizer_dir.is_dir():
+            raise CheckpointError(f"Tokenizer folder {tokenizer_dir} does not exist.")
+        if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
+            raise CheckpointError(f"Tokenizer folder {tokenizer_dir} has neither spiece.model nor tokenizer.json.")
+        check_weights_format(text_encoder_dir)
+        tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        # Loads on CPU (a device_map would need `accelerate`), then moves; from_pretrained builds on
+        # meta and casts per tensor, so host memory peaks near one copy in `dtype`.
+        model = T5EncoderModel.from_pretrained(
+            str(text_encoder_dir), dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+        model = model.to(device).eval().requires_grad_(False)
+        vocab = model.config.vocab_size
+        if len(tokenizer) > vocab:
+            raise CheckpointError(
+                f"Tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the text encoder's vocab_size is {vocab}."
+            )
+        return cls(tokenizer, model, device, dtype)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.d_model
+
+    def tokenize(self, prompts: list[str], max_sequence_length: int = 224) -> tuple[torch.Tensor, list[int]]:
+        """Ids [B, max_sequence_length] (EOS appended, padded with 0) and the untruncated token counts."""
+        _check_prompts(prompts)
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        full = self.tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False).input_ids
+        return ids, [len(x) for x in full]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], max_sequence_length: int = 224) -> tuple[torch.Tensor, list[int]]:
+        """Embeddings [B, max_sequence_length, d_model] in `dtype` on `device`, and token counts.
+
+        A count above `max_sequence_length` means the prompt was truncated. As in the reference
+        pipeline, no attention mask is given to the encoder, so padding tokens are attended.
+        """
+        _check_prompts(prompts)
+        if len(prompts) == 0:
+            empty = torch.empty(0, max_sequence_length, self.hidden_size, dtype=self.dtype, device=self.device)
+            return empty, []
+        ids, counts = self.tokenize(prompts, max_sequence_length)
+        hidden = self.model(input_ids=ids.to(self.device))[0]  # [B, L, d_model]
+        return hidden.to(dtype=self.dtype, device=self.device), counts
+
+
+def _check_prompts(prompts) -> None:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings.")
