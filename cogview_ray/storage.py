@@ -1,0 +1,314 @@
+"""One run's place in object storage: an fsspec filesystem plus the run prefix, with
+path confinement, create-once objects and retries of transient errors."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errno values that say "this will fail again": client errors, not infrastructure.
+_PERMANENT_ERRNOS = {
+    errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOENT, errno.EEXIST,
+    errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EROFS, errno.ENOTEMPTY,
+}
+# storage_options keys whose string values are credentials (matched as substrings).
+_SECRET_HINTS = ("key", "secret", "token", "password", "credential", "sas", "auth", "sig")
+_TMP_DIR = ".tmp"
+
+
+class StorageError(Exception):
+    """A storage operation that failed for good (after retries, or not retryable)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: delay_i = min(max, base * 2**i) * U(0.5, 1)."""
+
+    attempts: int = 6
+    base_delay_s: float = 0.2
+    max_delay_s: float = 10.0
+
+    def delay_s(self, attempt: int) -> float:
+        return min(self.max_delay_s, self.base_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def open_filesystem(uri: str, storage_options: Mapping[str, Any] | None = None):
+    """`(fs, path)` for a URI on any fsspec filesystem (path has no protocol prefix)."""
+    return fsspec.core.url_to_fs(str(uri), **dict(storage_options or {}))
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors worth retrying: timeouts, throttling, 5xx, dropped connections."""
+    if isinstance(err, (FileNotFoundError, FileExistsError, PermissionError,
+                        IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(err, OSError):
+        return err.errno not in _PERMANENT_ERRNOS
+    try:  # errors s3fs lets through untranslated once its own retries are spent
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return False
+    return isinstance(err, (BotoConnectionError, HTTPClientError))
+
+
+def check_relative(rel: str, *, allow_empty: bool = False) -> str:
+    """Return `rel` if it names something strictly inside a prefix, else raise ValueError.
+
+    Refused: absolute paths, URLs, backslashes, NUL, empty segments, `.` and `..`.
+    """
+    if not isinstance(rel, str):
+        raise ValueError(f"storage path {rel!r} is not a string")
+    if rel == "" and allow_empty:
+        return rel
+    bad = (
+        rel == ""
+        or rel.startswith("/")
+        or "\\" in rel
+        or "\x00" in rel
+        or "://" in rel
+        or any(seg in ("", ".", "..") for seg in rel.split("/"))
+    )
+    if bad:
+        raise ValueError(f"storage path {rel!r} would escape the run prefix or is malformed")
+    return rel
+
+
+def _secret_values(options: Any, hinted: bool = False) -> list[str]:
+    """String values in storage_options that sit under a credential-like key."""
+    out: list[str] = []
+    if isinstance(options, Mapping):
+        for k, v in options.items():
+            out += _secret_values(v, hinted or any(h in str(k).lower() for h in _SECRET_HINTS))
+    elif isinstance(options, (list, tuple)):
+        for v in options:
+            out += _secret_values(v, hinted)
+    elif isinstance(options, str) and hinted and len(options) >= 4:
+        out.append(options)
+    return out
+
+
+class RunStore:
+    """Objects of one run under `{uri}/{run_id}`, addressed by paths relative to it.
+
+    Writes are single PUTs (local: temp file + rename), so a reader never sees half an
+    object. `create_once` is a conditional PUT on S3 and `O_EXCL`-style link locally.
+    Transient errors are retried per `retry`; anything else raises `StorageError` (or
+    `FileNotFoundError` for a missing object) with a message free of credentials.
+    """
+
+    def __init__(self, uri: str, run_id: str, storage_options: Mapping[str, Any] | None = None,
+                 *, retry: RetryPolicy | None = None):
+        if not isinstance(run_id, str) or "/" in run_id:
+            raise ValueError(f"run id {run_id!r} must be one path segment")
+        check_relative(run_id)
+        self._storage_options = dict(storage_options or {})
+        self._secrets = sorted(set(_secret_values(self._storage_options)), key=len, reverse=True)
+        self.fs, base = open_filesystem(uri, self._storage_options)
+        self.uri = str(uri).rstrip("/")
+        self.run_id = run_id
+        self.root = f"{base.rstrip('/')}/{run_id}"
+        self.retry = retry or RetryPolicy()
+        self._local = isinstance(self.fs, LocalFileSystem)
+
+    @classmethod
+    def from_run_uri(cls, run_uri: str, storage_options: Mapping[str, Any] | None = None,
+                     **kwargs) -> "RunStore":
+        """A store for `{uri}/{run_id}` given as one URI (what `cogview-ray verify` takes)."""
+        parent, _, run_id = str(run_uri).rstrip("/").rpartition("/")
+        if not parent or parent.endswith(":/") or parent.endswith(":"):
+            raise ValueError(f"run URI {run_uri!r} has no run id after its bucket or folder")
+        return cls(parent, run_id, storage_options, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.url()!r})"
+
+    def __getstate__(self):
+        # Picklable for Ray; the filesystem is rebuilt from the options on arrival.
+        state = self.__dict__.copy()
+        state["fs"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.fs, _ = open_filesystem(self.uri, self._storage_options)
+
+    # --- paths -------------------------------------------------------------------
+    def path(self, rel: str, *, allow_root: bool = False) -> str:
+        """Filesystem path (no protocol) of `rel`; refuses paths that leave the prefix.
+        `rel=""` names the run prefix itself, and only with `allow_root`."""
+        check_relative(rel, allow_empty=allow_root)
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url(self, rel: str = "") -> str:
+        """Display form of `rel`: `s3://bucket/run/rel` or a local path. No credentials."""
+        p = self.path(rel, allow_root=True)
+        if self._local:
+            return p
+        proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{proto}://{p}"
+
+    # --- operations --------------------------------------------------------------
+    def write(self, rel: str, data: bytes) -> None:
+        """Put `data` at `rel` (overwrite) in one PUT."""
+        data = bytes(data)
+        self._retry("write", rel, lambda: self._put(self.path(rel), data, exclusive=False))
+
+    def upload(self, rel: str, local_path: str) -> None:
+        """Put a local file's bytes at `rel` (overwrite); for shard containers."""
+        def op():
+            dest = self.path(rel)
+            if self._local:
+                tmp = self._tmp_path()
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                try:
+                    self.fs.put_file(local_path, tmp)
+                    os.replace(tmp, dest)
+                finally:
+                    _unlink_quietly(tmp)
+            else:
+                self.fs.put_file(local_path, dest)
+        self._retry("upload", rel, op)
+
+    def create_once(self, rel: str, data: bytes) -> bool:
+        """Create `rel` with `data` unless it exists; True if this call created it.
+
+        If an attempt failed transiently and a retry then finds the object, it counts as
+        ours when its bytes equal `data` (the first PUT may have landed); so give
+        `data` something unique (a token) when two writers could race with equal bytes.
+        """
+        data = bytes(data)
+        dest = self.path(rel)
+        tried = [0]
+
+        def op() -> bool:
+            tried[0] += 1
+            try:
+                self._put(dest, data, exclusive=True)
+                return True
+            except FileExistsError:
+                if tried[0] > 1 and self.fs.cat_file(dest) == data:
+                    return True
+                return False
+
+        return self._retry("create", rel, op)
+
+    def read(self, rel: str) -> bytes:
+        return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel)))
+
+    def exists(self, rel: str) -> bool:
+        return self._retry("check", rel, lambda: self.fs.exists(self.path(rel)))
+
+    def list(self, rel_dir: str = "") -> list[str]:
+        """Sorted names directly inside `rel_dir` (files and folders); [] if absent."""
+        base = self.path(rel_dir, allow_root=True)
+
+        def op():
+            try:
+                entries = self.fs.ls(base, detail=False)
+            except FileNotFoundError:
+                return []
+            names = {str(e).rstrip("/").rsplit("/", 1)[-1]
+                     for e in entries if str(e).rstrip("/") != base}
+            names.discard(_TMP_DIR)
+            return sorted(n for n in names if n)
+
+        return self._retry("list", rel_dir or ".", op)
+
+    def delete(self, rel: str) -> None:
+        """Remove `rel`; a missing object is not an error."""
+        def op():
+            try:
+                self.fs.rm_file(self.path(rel))
+            except FileNotFoundError:
+                pass
+        self._retry("delete", rel, op)
+
+    def invalidate(self) -> None:
+        """Drop cached listings (s3fs caches them) before a resume scan."""
+        self.fs.invalidate_cache()
+
+    # --- internals ---------------------------------------------------------------
+    def _tmp_path(self) -> str:
+        return f"{self.root}/{_TMP_DIR}/{uuid.uuid4().hex}"
+
+    def _put(self, dest: str, data: bytes, *, exclusive: bool) -> None:
+        if not self._local:
+            if exclusive:
+                self.fs.pipe_file(dest, data, mode="create")
+            else:
+                self.fs.pipe_file(dest, data)
+            return
+        # Local: write a temp file, then rename (overwrite) or hard-link (exclusive);
+        # both are atomic, so no reader ever sees a partial object.
+        tmp = self._tmp_path()
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            self.fs.pipe_file(tmp, data)
+            if exclusive:
+                os.link(tmp, dest)
+            else:
+                os.replace(tmp, dest)
+        finally:
+            _unlink_quietly(tmp)
+
+    def _scrub(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+    def _retry(self, op_name: str, rel: str, fn: Callable[[], T]) -> T:
+        attempts = max(1, self.retry.attempts)
+        for i in range(attempts):
+            try:
+                return fn()
+            except ValueError:
+                raise
+            except FileNotFoundError:
+                raise FileNotFoundError(f"no object at {self._display(rel)}") from None
+            except Exception as err:  # noqa: BLE001 - classified just below
+                transient = is_transient(err)
+                if transient and i + 1 < attempts:
+                    delay = self.retry.delay_s(i)
+                    log.warning("storage %s of %s failed (%s); retry %d/%d in %.2fs",
+                                op_name, self._display(rel), type(err).__name__,
+                                i + 1, attempts - 1, delay)
+                    time.sleep(delay)
+                    continue
+                detail = self._scrub(str(err))[:300]
+                how = f"after {attempts} attempts" if transient else "(not retryable)"
+                # `from None`: the chained error could carry request details; keep it out.
+                raise StorageError(
+                    f"storage {op_name} of {self._display(rel)} failed {how}: "
+                    f"{type(err).__name__}: {detail}"
+                ) from None
+        raise AssertionError("unreachable")
+
+    def _display(self, rel: str) -> str:
+        try:
+            return self.url("" if rel == "." else rel)
+        except ValueError:
+            return repr(rel)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,188 @@
+"""Sinks: the three layouts, byte-deterministic retries, image encoding."""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cogview_ray.sinks import (
+    encode_image, iter_container, make_sink, read_output, split_locator,
+)
+from cogview_ray.storage import RunStore
+
+pytestmark = [pytest.mark.timeout(60)]
+
+FORMATS = ["files", "webdataset", "parquet"]
+
+
+def pixels(seed, h=16, w=24):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def samples(image_format="png"):
+    # Keys deliberately out of order; meta holds no timings (it must be deterministic).
+    out = []
+    for i, key in enumerate(["c-2", "a-0", "b-1"]):
+        meta = {"id": key, "seed": 100 + i, "height": 16, "width": 24, "guidance_scale": 5.0,
+                "prompt": f"prompt {i} ✓", "negative_prompt": None, "tags": ["x", i]}
+        out.append((key, encode_image(pixels(i), image_format, 90), meta))
+    return out
+
+
+def write_shard(store, fmt, items, image_format="png"):
+    sink = make_sink(fmt, store, "00007", image_format)
+    keys = [sink.add(k, data, meta) for k, data, meta in items]
+    sink.close()
+    return keys
+
+
+def container_path(fmt):
+    return {"files": None, "webdataset": "shards/00007.tar", "parquet": "shards/00007.parquet"}[fmt]
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request, tmp_path):
+    if request.param == "local":
+        return RunStore(str(tmp_path / "out"), "run1")
+    bucket = request.getfixturevalue("s3_bucket")
+    return RunStore(f"s3://{bucket}/out", "run1", request.getfixturevalue("s3_storage_options"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_keys_read_back(store, fmt):
+    items = samples()
+    keys = write_shard(store, fmt, items)
+    expected = {
+        "files": "images/00007/{}.png",
+        "webdataset": "shards/00007.tar#{}.png",
+        "parquet": "shards/00007.parquet#{}.png",
+    }[fmt]
+    assert keys == [expected.format(k) for k, _, _ in items]
+    for key, (_, data, _) in zip(keys, items):
+        assert read_output(store, key) == data
+    if fmt == "files":
+        assert store.list("images/00007") == ["a-0.png", "b-1.png", "c-2.png"]
+    else:
+        assert store.list("shards") == [container_path(fmt).split("/")[1]]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rewrite_is_byte_identical(store, fmt):
+    items = samples()
+    first_keys = write_shard(store, fmt, items)
+    rel = container_path(fmt)
+    paths = [split_locator(k)[0] for k in first_keys] if rel is None else [rel]
+    first = {p: store.read(p) for p in paths}
+    # A retry renders in another order (other batches), into a fresh sink.
+    second_keys = write_shard(store, fmt, list(reversed(items)))
+    assert sorted(second_keys) == sorted(first_keys)
+    assert {p: store.read(p) for p in paths} == first
+
+
+def test_tar_layout(tmp_path):
+    store = RunStore(str(tmp_path), "run1")
+    items = samples("webp")
+    write_shard(store, "webdataset", items, "webp")
+    with tarfile.open(fileobj=io.BytesIO(store.read("shards/00007.tar"))) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == [
+            "a-0.webp", "a-0.json", "b-1.webp", "b-1.json", "c-2.webp", "c-2.json"]
+        assert {(m.mtime, m.uid, m.gid, m.mode, m.uname, m.gname) for m in members} == {
+            (0, 0, 0, 0o644, "", "")}
+        meta = json.loads(tar.extractfile("c-2.json").read())
+        assert meta == items[0][2]
+        assert tar.extractfile("c-2.webp").read() == items[0][1]
+
+
+def test_parquet_layout(tmp_path):
+    store = RunStore(str(tmp_path), "run1")
+    items = samples("jpeg")
+    write_shard(store, "parquet", items, "jpeg")
+    table = pq.read_table(io.BytesIO(store.read("shards/00007.parquet")))
+    assert table.column("key").to_pylist() == ["a-0", "b-1", "c-2"]
+    assert table.column("member").to_pylist() == ["a-0.jpg", "b-1.jpg", "c-2.jpg"]
+    assert table.column("image").to_pylist()[2] == items[0][1]
+    assert table.schema.field("image").type == pa.binary()
+    assert table.schema.field("seed").type == pa.int64()
+    assert table.schema.field("guidance_scale").type == pa.float64()
+    assert table.column("seed").to_pylist() == [101, 102, 100]
+    assert table.column("prompt").to_pylist()[0] == "prompt 1 ✓"
+    assert table.column("tags").to_pylist()[0] == '["x",1]'  # unknown keys as JSON text
+    assert dict(iter_container(store, "shards/00007.parquet"))["b-1.jpg"] == items[2][1]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_empty_and_discarded_shards_upload_nothing(tmp_path, fmt):
+    store = RunStore(str(tmp_path), "run1")
+    make_sink(fmt, store, "00001", "png").close()
+    with pytest.raises(RuntimeError):
+        with make_sink(fmt, store, "00002", "png") as sink:
+            sink.add("a", b"bytes", {})
+            spool = sink._dir
+            raise RuntimeError("render crashed")
+    assert not os.path.exists(spool)
+    assert store.list("shards") == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("key", ["../x", "a/b", "", "..", "/abs", "x" * 201])
+def test_unsafe_keys_refused(tmp_path, fmt, key):
+    store = RunStore(str(tmp_path), "run1")
+    sink = make_sink(fmt, store, "00001", "png")
+    with pytest.raises(ValueError):
+        sink.add(key, b"x", {})
+    sink.close()
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_bad_format_and_shard_refused(tmp_path):
+    store = RunStore(str(tmp_path), "run1")
+    with pytest.raises(ValueError, match="tfrecord"):
+        make_sink("tfrecord", store, "00001", "png")
+    with pytest.raises(ValueError, match="gif"):
+        make_sink("files", store, "00001", "gif")
+    with pytest.raises(ValueError):
+        make_sink("files", store, "../00001", "png")
+
+
+@pytest.mark.parametrize("image_format,fmt_name", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_encode_image_is_deterministic(image_format, fmt_name):
+    arr = pixels(3, 32, 48)
+    data = encode_image(arr, image_format, 90)
+    assert encode_image(arr.copy(), image_format, 90) == data
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == fmt_name and im.size == (48, 32) and im.mode == "RGB"
+        assert not im.info.get("exif") and "icc_profile" not in im.info
+        if image_format == "png":
+            assert np.array_equal(np.asarray(im), arr)  # lossless
+
+
+def test_encode_image_quality_matters_and_bad_input_refused():
+    arr = pixels(4, 32, 32)
+    assert encode_image(arr, "jpeg", 30) != encode_image(arr, "jpeg", 95)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_image(arr.astype(np.float32), "png")
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        encode_image(arr[..., :1], "png")
+
+
+def test_container_upload_survives_transient_errors(tmp_path):
+    from cogview_ray.storage import RetryPolicy
+    from tests.test_storage import FlakyFS
+
+    store = RunStore(str(tmp_path), "run1", retry=RetryPolicy(3, 0.001, 0.002))
+    items = samples()
+    keys = write_shard(store, "webdataset", items)
+    clean = store.read("shards/00007.tar")
+    store.delete("shards/00007.tar")
+    flaky = FlakyFS(store.fs, error=lambda: ConnectionResetError("reset"))
+    flaky.fail = {"put_file": 2}
+    store.fs = flaky
+    assert write_shard(store, "webdataset", items) == keys
+    assert flaky.calls["put_file"] == 3
+    assert store.read("shards/00007.tar") == clean
