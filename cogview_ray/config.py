@@ -1,0 +1,448 @@
+"""Run settings: frozen dataclasses loaded from YAML plus `key=value` overrides, strictly
+validated, with helpers for the resume check and for saving the config without secrets."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+MAX_SEED = 2**63 - 1
+MIN_SIZE_PX = 16
+MAX_SIZE_PX = 2048
+SIZE_MULTIPLE_PX = 16
+MAX_STEPS = 1000
+
+DTYPES = ("auto", "bfloat16", "float32")
+COMPILE_MODES = ("none", "default", "max-autotune")
+DEVICES = ("auto", "cuda", "cpu")
+FORMATS = ("files", "webdataset", "parquet")
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+RESUME_MODES = ("auto", "force")
+
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Key names whose values are never shown in errors or saved configs.
+_SECRET_KEY_RE = re.compile(r"key|secret|token|passw|credential", re.IGNORECASE)
+_URL_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A setting the user got wrong; the message is one sentence naming the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = MISSING
+    dtype: str = "auto"
+    compile: str = "none"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    uri: str = MISSING
+    prompt_column: str = "prompt"
+    id_column: Optional[str] = None
+    shard_size: int = 1000
+    limit: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    negative_prompt: Optional[str] = None
+    batch_size: int = 1
+    seed: int = 0
+    max_sequence_length: int = 224
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    num_workers: Union[str, int] = "auto"
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    max_in_flight: int = 2
+    max_attempts: int = 3
+    shard_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str = MISSING
+    run_id: Optional[str] = None
+    format: str = "files"
+    image_format: str = "png"
+    quality: int = 95
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # "auto": resume only when output-defining settings and input match; "force": resume anyway.
+    resume: str = "auto"
+    # Take over a run lock left by a driver that is gone.
+    takeover_lock: bool = False
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "dataset": DatasetConfig,
+    "render": RenderConfig,
+    "workers": WorkersConfig,
+    "output": OutputConfig,
+}
+# Free-form mappings passed through to other libraries: any keys allowed, values hidden.
+_FREE_FORM = {"output.storage_options"}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[str | Path], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (optional) merged over the defaults, then `key=value` overrides; validated."""
+    schema = OmegaConf.structured(RunConfig)
+    OmegaConf.set_readonly(schema, False)  # frozen dataclasses make it read-only
+    OmegaConf.set_struct(schema, True)
+    for key in _FREE_FORM:
+        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
+
+    layers: list[tuple[DictConfig, str]] = []
+    if path is not None:
+        layers.append((_read_yaml(Path(path)), f"in {path}"))
+    if overrides:
+        layers.append((_parse_overrides(list(overrides)), "on the command line"))
+
+    merged = schema
+    for layer, where in layers:
+        _check_keys(layer, where)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise _translate(e, layer, where) from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _translate(e, None, "") from None
+    return validate_config(cfg)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml errors, unreadable file
+        raise ConfigError(f"Config file {path} is not valid YAML ({_first_line(e)}).") from None
+    if loaded is None or (isinstance(loaded, DictConfig) and loaded._is_none()):
+        return OmegaConf.create({})
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"Config file {path} must hold a mapping of settings at the top level.")
+    return loaded
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
+            shown = REDACTED if _SECRET_KEY_RE.search(str(item)) else repr(item)
+            raise ConfigError(f"Override {shown} must have the form key=value, e.g. render.height=768.")
+    for item in overrides:
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception:  # yaml scanner/parser errors and OmegaConf grammar errors
+            key = item.split("=", 1)[0].strip()
+            raise ConfigError(f"Override for config key {key} could not be parsed as a value.") from None
+    return OmegaConf.from_dotlist(overrides)
+
+
+def _check_keys(layer: DictConfig, where: str) -> None:
+    """Unknown keys and section-vs-value mismatches, with a suggestion for typos."""
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in layer.keys():
+        key = str(key)
+        if key not in top:
+            raise ConfigError(_unknown(key, sorted(top), where))
+        if key in _SECTIONS:
+            value = layer._get_node(key)
+            if not isinstance(value, DictConfig) or value._is_none():
+                raise ConfigError(f"Config key {key} {where} must be a mapping of settings, not a single value.")
+            names = [f.name for f in dataclasses.fields(_SECTIONS[key])]
+            for sub in value.keys():
+                if str(sub) not in names:
+                    raise ConfigError(_unknown(f"{key}.{sub}", [f"{key}.{n}" for n in names], where))
+
+
+def _unknown(key: str, known: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"Unknown config key {key} {where}{hint}."
+
+
+def _translate(e: OmegaConfBaseException, layer: Optional[DictConfig], where: str) -> ConfigError:
+    key = str(getattr(e, "full_key", None) or getattr(e, "key", None) or "?")
+    suffix = f" {where}" if where else ""
+    # OmegaConf's own messages can quote values: never for a key that may hold a secret.
+    detail = "" if _is_secret(key) else f" ({_first_line(e)})"
+    if isinstance(e, MissingMandatoryValue):
+        return ConfigError(f"Config key {key} is required but not set.")
+    if isinstance(e, InterpolationResolutionError):
+        return ConfigError(f"Config key {key}{suffix} could not be resolved{detail}.")
+    if isinstance(e, ConfigKeyError):
+        return ConfigError(f"Unknown config key {key}{suffix}.")
+    if isinstance(e, ValidationError):
+        shown = _shown(key, _raw_value(layer, key))
+        return ConfigError(f"Config key {key}{suffix} expects {_expected(key)}, got {shown}.")
+    return ConfigError(f"Config key {key}{suffix} is invalid{detail}.")
+
+
+def _raw_value(layer: Optional[DictConfig], key: str) -> Any:
+    if layer is None:
+        return "?"
+    try:
+        node = OmegaConf.select(layer, key, throw_on_missing=False)
+    except OmegaConfBaseException:
+        return "?"
+    if isinstance(node, DictConfig) or OmegaConf.is_list(node):
+        return OmegaConf.to_container(node, resolve=False)
+    return node
+
+
+def _expected(key: str) -> str:
+    parts = key.split(".")
+    owner: Any = RunConfig
+    for part in parts:
+        fields = {f.name: f for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else {}
+        if part not in fields:
+            return "a value of the right type"
+        owner = fields[part].type
+        if isinstance(owner, str):  # postponed annotations: sections by class name
+            owner = {cls.__name__: cls for cls in _SECTIONS.values()}.get(owner, owner)
+    names = {
+        "int": "an integer",
+        "float": "a number",
+        "str": "a string",
+        "bool": "true or false",
+        "Optional[int]": "an integer or null",
+        "Optional[str]": "a string or null",
+        "Union[str, int]": '"auto" or an integer',
+        "Dict[str, Any]": "a mapping",
+    }
+    return names.get(owner if isinstance(owner, str) else getattr(owner, "__name__", str(owner)),
+                     "a value of the right type")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_secret(key: str) -> bool:
+    return bool(_SECRET_KEY_RE.search(key.rsplit(".", 1)[-1])) or any(key.startswith(k) for k in _FREE_FORM)
+
+
+def _shown(key: str, value: Any) -> str:
+    return REDACTED if _is_secret(key) else repr(value)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_config(cfg: RunConfig) -> RunConfig:
+    """Refuse impossible values with one sentence naming the key; return a normalized copy."""
+    m, d, r, w, o = cfg.model, cfg.dataset, cfg.render, cfg.workers, cfg.output
+
+    _nonempty_str("model.path", m.path)
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.compile", m.compile, COMPILE_MODES)
+    _choice("model.device", m.device, DEVICES)
+
+    _nonempty_str("dataset.uri", d.uri)
+    _nonempty_str("dataset.prompt_column", d.prompt_column)
+    if d.id_column is not None:
+        _nonempty_str("dataset.id_column", d.id_column)
+    _int_range("dataset.shard_size", d.shard_size, 1, None)
+    if d.limit is not None:
+        _int_range("dataset.limit", d.limit, 1, None)
+
+    for name in ("height", "width"):
+        value = getattr(r, name)
+        _int_range(f"render.{name}", value, MIN_SIZE_PX, MAX_SIZE_PX)
+        if value % SIZE_MULTIPLE_PX:
+            raise ConfigError(f"Config key render.{name} must be a multiple of {SIZE_MULTIPLE_PX}, got {value!r}.")
+    _int_range("render.num_inference_steps", r.num_inference_steps, 1, MAX_STEPS)
+    _float_min("render.guidance_scale", r.guidance_scale, 0.0, inclusive=True)
+    if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
+        raise ConfigError(f"Config key render.negative_prompt must be a string or null, got {r.negative_prompt!r}.")
+    _int_range("render.batch_size", r.batch_size, 1, None)
+    _int_range("render.seed", r.seed, 0, MAX_SEED)
+    _int_range("render.max_sequence_length", r.max_sequence_length, 1, None)
+
+    num_workers = w.num_workers
+    if isinstance(num_workers, str) and num_workers.strip().isdigit():
+        num_workers = int(num_workers.strip())
+    if num_workers != "auto" and not (_is_int(num_workers) and num_workers >= 1):
+        raise ConfigError(f'Config key workers.num_workers must be "auto" or a positive integer, got {num_workers!r}.')
+    _float_min("workers.gpus_per_worker", w.gpus_per_worker, 0.0, inclusive=True)
+    _float_min("workers.cpus_per_worker", w.cpus_per_worker, 0.0, inclusive=True)
+    _int_range("workers.max_in_flight", w.max_in_flight, 1, None)
+    _int_range("workers.max_attempts", w.max_attempts, 1, None)
+    _float_min("workers.shard_timeout_s", w.shard_timeout_s, 0.0, inclusive=False)
+
+    _nonempty_str("output.uri", o.uri)
+    if o.run_id is not None and not (isinstance(o.run_id, str) and _RUN_ID_RE.fullmatch(o.run_id)):
+        raise ConfigError(
+            f"Config key output.run_id must be 1-128 letters, digits, '.', '_' or '-' "
+            f"starting with a letter or digit, got {o.run_id!r}."
+        )
+    _choice("output.format", o.format, FORMATS)
+    _choice("output.image_format", o.image_format, IMAGE_FORMATS)
+    _int_range("output.quality", o.quality, 1, 100)
+    if not isinstance(o.storage_options, dict) or not all(isinstance(k, str) for k in o.storage_options):
+        raise ConfigError("Config key output.storage_options must be a mapping with string keys.")
+
+    _choice("resume", cfg.resume, RESUME_MODES)
+    if not isinstance(cfg.takeover_lock, bool):
+        raise ConfigError(f"Config key takeover_lock must be true or false, got {cfg.takeover_lock!r}.")
+
+    if num_workers != w.num_workers:
+        cfg = dataclasses.replace(cfg, workers=dataclasses.replace(w, num_workers=num_workers))
+    return cfg
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nonempty_str(key: str, value: Any) -> None:
+    if value == MISSING:
+        raise ConfigError(f"Config key {key} is required but not set.")
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"Config key {key} must be a non-empty string, got {value!r}.")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"Config key {key} must be one of {allowed}, got {value!r}.")
+
+
+def _int_range(key: str, value: Any, low: Optional[int], high: Optional[int]) -> None:
+    if not _is_int(value):
+        raise ConfigError(f"Config key {key} must be an integer, got {value!r}.")
+    if low is not None and value < low or high is not None and value > high:
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"Config key {key} must be {bound}, got {value!r}.")
+
+
+def _float_min(key: str, value: Any, low: float, inclusive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"Config key {key} must be a finite number, got {value!r}.")
+    if value < low or (not inclusive and value == low):
+        bound = f"at least {low:g}" if inclusive else f"greater than {low:g}"
+        raise ConfigError(f"Config key {key} must be {bound}, got {value!r}.")
+
+
+# ---------------------------------------------------------------- resume and saving
+
+
+def output_defining(cfg: RunConfig) -> dict:
+    """The settings that change output bytes or layout; a resume must find them unchanged."""
+    return {
+        "model": {"path": _strip_userinfo(cfg.model.path), "dtype": cfg.model.dtype},
+        "dataset": {
+            "uri": _strip_userinfo(cfg.dataset.uri),
+            "prompt_column": cfg.dataset.prompt_column,
+            "id_column": cfg.dataset.id_column,
+            "shard_size": cfg.dataset.shard_size,
+            "limit": cfg.dataset.limit,
+        },
+        # batch_size is left out: images do not depend on their batch-mates (see pipeline.py)
+        "render": {k: v for k, v in dataclasses.asdict(cfg.render).items() if k != "batch_size"},
+        "output": {
+            "format": cfg.output.format,
+            "image_format": cfg.output.image_format,
+            "quality": cfg.output.quality,
+        },
+    }
+
+
+def diff_output_defining(old: dict, new: dict) -> list[str]:
+    """Human-readable changes between two `output_defining` dicts, e.g. 'render.height: 1024 -> 768'."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        before, after = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if before is _ABSENT or after is _ABSENT or not _same(before, after):
+            lines.append(f"{key}: {_fmt(before)} -> {_fmt(after)}")
+    return lines
+
+
+_ABSENT = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    # bool is an int in Python, but true and 1 are different settings.
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    return a == b
+
+
+def _fmt(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def redacted(cfg: RunConfig) -> dict:
+    """The resolved config as a plain dict, safe to save or log: secrets become '***'."""
+    plain = dataclasses.asdict(cfg)
+    plain["output"]["storage_options"] = REDACTED
+    return _redact(plain)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and _SECRET_KEY_RE.search(k) else _redact(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(v) for v in value]
+    if isinstance(value, str):
+        return _strip_userinfo(value)
+    return value
+
+
+def _strip_userinfo(text: str) -> str:
+    """`s3://user:pass@bucket/x` -> `s3://***@bucket/x`: credentials in URLs never leave."""
+    return _URL_USERINFO_RE.sub(lambda m: f"{m.group(1)}{REDACTED}@", text) if isinstance(text, str) else text

@@ -1,0 +1,303 @@
+"""Rows of one shard: read its row range, validate every row into a `RowSpec` (pending with all
+render parameters, or rejected with a reason code), derive ids, object keys and seeds."""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cogview_ray.shards import DatasetError, Shard, is_string_type
+
+MAX_SEED = 2**63 - 1
+MIN_SIZE_PX, MAX_SIZE_PX, SIZE_MULTIPLE_PX = 16, 2048, 16
+MAX_STEPS = 1000
+MAX_ID_CHARS = 256
+OVERRIDE_COLUMNS = ("seed", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale")
+# Streamed column-chunk reads: a shard in the middle of a big row group reads up to its end,
+# not the whole file.
+READ_BUFFER_BYTES = 1 << 20
+
+_SAFE_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+# Hashed keys end in -<16 hex>; ids with that tail are hashed too, so the two never collide.
+_HASHED_TAIL_RE = re.compile(r"-[0-9a-f]{16}")
+_UNSAFE_RUN_RE = re.compile(r"[^A-Za-z0-9_-]+")
+_INVALID = object()  # a value that could not be decoded (invalid UTF-8)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    row_id: str
+    key: Optional[str]  # object-safe key; None for rejected rows (they write nothing)
+    prompt: Optional[str]
+    negative_prompt: Optional[str]
+    seed: Optional[int]
+    height: Optional[int]
+    width: Optional[int]
+    num_inference_steps: Optional[int]
+    guidance_scale: Optional[float]
+    file: str
+    row_index: int  # row number within the file
+    status: str  # "pending" | "rejected"
+    reason: Optional[str]
+
+
+def derived_id(file_index: int, row_index: int) -> str:
+    return f"f{file_index:05d}-{row_index:09d}"
+
+
+def derive_seed(run_seed: int, row_id: str) -> int:
+    """First 8 bytes (big-endian) of sha256('{run_seed}:{row_id}'), masked to 63 bits."""
+    digest = hashlib.sha256(f"{run_seed}:{row_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") & MAX_SEED
+
+
+def object_key(row_id: str) -> str:
+    """A flat key that cannot leave the run prefix: safe ids as they are, others slug + hash.
+
+    Safe ids: 1-128 of [A-Za-z0-9._-], not starting with '.', not ending like a hashed key.
+    Anything else (`../x`, `/etc/passwd`, `a/b`, '', long or non-ASCII ids) becomes
+    '{slug}-{first 16 hex of sha256(id)}', at most 81 characters of [A-Za-z0-9_-].
+    """
+    row_id = str(row_id)
+    if _SAFE_ID_RE.fullmatch(row_id) and not _HASHED_TAIL_RE.search(row_id[-17:]):
+        return row_id
+    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    slug = _UNSAFE_RUN_RE.sub("_", row_id)[:64].strip("_-")
+    return f"{slug or 'id'}-{digest}"
+
+
+def group_for_render(rows: list[RowSpec]) -> dict[tuple[int, int, int, float], list[RowSpec]]:
+    """Pending rows by (height, width, steps, guidance), groups and rows in input order."""
+    groups: dict[tuple[int, int, int, float], list[RowSpec]] = {}
+    for row in rows:
+        if row.status == "pending":
+            key = (row.height, row.width, row.num_inference_steps, row.guidance_scale)
+            groups.setdefault(key, []).append(row)
+    return groups
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_shard_rows(shard: Shard, dataset_cfg: Any, render_cfg: Any,
+                    fs: Optional[fsspec.AbstractFileSystem] = None) -> list[RowSpec]:
+    """Exactly one RowSpec per row of the shard, in row order; only the needed columns are read."""
+    if fs is None:
+        fs, _ = fsspec.core.url_to_fs(dataset_cfg.uri)
+    prompt_col, id_col = dataset_cfg.prompt_column, dataset_cfg.id_column
+    where = f"Dataset file {shard.file} rows {shard.row_start}-{shard.row_stop}"
+    try:
+        with fs.open(shard.file, "rb") as f:
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+            names = pf.schema_arrow.names
+            for col, what in ((prompt_col, "prompt"), (id_col, "id")):
+                if col is not None and col not in names:
+                    raise DatasetError(f"{where}: the file has no {what} column {col!r}.")
+            if shard.row_stop > pf.metadata.num_rows:
+                raise DatasetError(f"{where}: the file has only {pf.metadata.num_rows} rows (changed since planning?).")
+            columns = list(dict.fromkeys(
+                [prompt_col] + ([id_col] if id_col else []) + [c for c in OVERRIDE_COLUMNS if c in names]
+            ))
+            table = _read_range(pf, columns, shard.row_start, shard.row_stop)
+    except DatasetError:
+        raise
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: the file does not exist.") from None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DatasetError(f"{where} could not be read ({_first_line(e)}).") from None
+    if table.num_rows != shard.num_rows:
+        raise DatasetError(f"{where}: read {table.num_rows} rows instead of {shard.num_rows}.")
+    values = {name: _column_values(table.column(name)) for name in columns}
+    return _validate_rows(shard, values, prompt_col, id_col, render_cfg)
+
+
+def _read_range(pf: pq.ParquetFile, columns: list[str], start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of the file, reading only the row groups that overlap them."""
+    schema = pf.schema_arrow
+    empty = pa.schema([schema.field(c) for c in columns]).empty_table()
+    if stop <= start:
+        return empty
+    groups, first_row, offset = [], None, 0
+    for i in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(i)
+            first_row = offset if first_row is None else first_row
+        offset += n
+    if not groups:
+        return empty
+    pieces, position = [], first_row
+    batches = pf.iter_batches(batch_size=min(stop - start, 65536), row_groups=groups, columns=columns)
+    for batch in batches:
+        lo, hi = max(start - position, 0), min(stop - position, batch.num_rows)
+        if hi > lo:
+            pieces.append(batch.slice(lo, hi - lo))
+        position += batch.num_rows
+        if position >= stop:
+            break  # do not stream the rest of the row group
+    return pa.Table.from_batches(pieces, schema=pieces[0].schema) if pieces else empty
+
+
+def _column_values(column: pa.ChunkedArray) -> list:
+    try:
+        return column.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowException):
+        if not is_string_type(column.type):
+            raise
+        # Invalid UTF-8 in a string column: mark those values, keep the rest.
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        raw = column.cast(pa.large_binary()).to_pylist()
+        return [None if v is None else _decode(v) for v in raw]
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _INVALID
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_col: Optional[str],
+                   render_cfg: Any) -> list[RowSpec]:
+    n = shard.num_rows
+
+    def column(name: str) -> list:  # absent override columns read as all-null
+        return values.get(name) or [None] * n
+
+    prompts = values[prompt_col]
+    ids = values[id_col] if id_col else [None] * n
+    seeds, negatives = column("seed"), column("negative_prompt")
+    heights, widths = column("height"), column("width")
+    steps, guidances = column("num_inference_steps"), column("guidance_scale")
+
+    seen: set[str] = set()
+    rows = []
+    for i in range(n):
+        row_index = shard.row_start + i
+        reasons: list[str] = []
+
+        if id_col:
+            row_id, id_ok = _parse_id(ids[i])
+            if not id_ok:
+                reasons.append("bad_id")
+            elif row_id in seen:
+                reasons.append("duplicate_id")
+            else:
+                seen.add(row_id)
+        else:
+            row_id, id_ok = derived_id(shard.file_index, row_index), True
+
+        prompt = prompts[i]
+        if prompt is not None and not isinstance(prompt, str):
+            reasons.append("bad_prompt")
+            prompt = None
+        elif prompt is None or not prompt.strip():
+            reasons.append("empty_prompt")
+
+        negative = negatives[i]
+        if negative is None:
+            negative = render_cfg.negative_prompt
+        elif not isinstance(negative, str):
+            reasons.append("bad_negative_prompt")
+            negative = None
+
+        height = _parse_size(heights[i], render_cfg.height)
+        width = _parse_size(widths[i], render_cfg.width)
+        if height is None or width is None:
+            reasons.append("bad_size")
+        num_steps = _parse_steps(steps[i], render_cfg.num_inference_steps)
+        if num_steps is None:
+            reasons.append("bad_steps")
+        guidance = _parse_guidance(guidances[i], render_cfg.guidance_scale)
+        if guidance is None:
+            reasons.append("bad_guidance")
+        if seeds[i] is None:
+            seed = derive_seed(render_cfg.seed, row_id) if id_ok else None
+        else:
+            seed = _parse_seed(seeds[i])
+            if seed is None:
+                reasons.append("bad_seed")
+
+        reason = reasons[0] if reasons else None
+        rows.append(RowSpec(
+            row_id=row_id,
+            key=None if reason else object_key(row_id),
+            prompt=prompt,
+            negative_prompt=negative,
+            seed=seed,
+            height=height,
+            width=width,
+            num_inference_steps=num_steps,
+            guidance_scale=guidance,
+            file=shard.file,
+            row_index=row_index,
+            status="rejected" if reason else "pending",
+            reason=reason,
+        ))
+    return rows
+
+
+def _parse_id(value: Any) -> tuple[str, bool]:
+    """(id as text, valid?) — invalid ids keep a printable form for the manifest."""
+    if value is None:
+        return "", False
+    if value is _INVALID:
+        return "<invalid utf-8>", False
+    if isinstance(value, bytes):
+        return value.hex(), False
+    text = str(value)
+    return text, bool(text.strip()) and len(text) <= MAX_ID_CHARS
+
+
+def _as_int(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _parse_size(value: Any, default: int) -> Optional[int]:
+    size = default if value is None else _as_int(value)
+    if size is None or not MIN_SIZE_PX <= size <= MAX_SIZE_PX or size % SIZE_MULTIPLE_PX:
+        return None
+    return size
+
+
+def _parse_steps(value: Any, default: int) -> Optional[int]:
+    steps = default if value is None else _as_int(value)
+    return steps if steps is not None and 1 <= steps <= MAX_STEPS else None
+
+
+def _parse_guidance(value: Any, default: float) -> Optional[float]:
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _parse_seed(value: Any) -> Optional[int]:
+    seed = _as_int(value)
+    return seed if seed is not None and 0 <= seed <= MAX_SEED else None
