@@ -56,3 +56,22 @@ def s3_bucket(s3_endpoint, s3_storage_options):
     s3fs.S3FileSystem.clear_instance_cache()
     yield name
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One small local Ray cluster per test module (CPU workers only)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The `tiny` random-weight checkpoint, written once per test session."""
+    from cogview_ray.model.checkpoint import make_checkpoint
+
+    return str(make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny"))

@@ -1,0 +1,234 @@
+"""`RenderWorker`: a Ray actor that owns one device and one pipeline and renders whole shards.
+
+Workers write images (deterministic keys, same bytes on every attempt) but never a manifest
+or a commit marker: only the driver commits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import RunConfig
+from .faults import FaultPlan
+from .manifest import RowRecord, ShardResult
+from .rows import RowSpec, group_for_render, read_shard_rows
+from .shards import Shard
+from .sinks import encode_image, make_sink, sha256_hex
+from .storage import RunStore, open_filesystem
+
+CLAIMS_DIR = "ids"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COGVIEW_RAY_CACHE") or Path.home() / ".cache" / "cogview-ray")
+
+
+def resolve_model_path(model_path: str, storage_options: Optional[dict] = None) -> str:
+    """A local checkpoint folder for `model.path`: `preset:NAME` (written once per node), a URL
+    (downloaded once per node into the cache) or a local folder (used as is)."""
+    if model_path.startswith("preset:"):
+        from filelock import FileLock
+
+        from .model.checkpoint import make_checkpoint
+
+        name = model_path.split(":", 1)[1]
+        target = cache_root() / "checkpoints" / f"{name}-seed0"
+        done = target / ".complete"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not done.exists():
+                tmp = target.with_name(target.name + ".partial")
+                if tmp.exists():
+                    import shutil
+
+                    shutil.rmtree(tmp)
+                make_checkpoint(name, tmp, seed=0)
+                if target.exists():
+                    import shutil
+
+                    shutil.rmtree(target)
+                tmp.rename(target)
+                done.write_text("ok\n")
+        return str(target)
+    if "://" in model_path:
+        from .model_cache import ensure_local_model
+
+        return ensure_local_model(model_path, storage_options=storage_options)
+    return model_path
+
+
+def options_for(uri: str, own: Optional[dict], cfg: RunConfig) -> dict:
+    """Storage options for a dataset or model URI: its own, else the output's on the same protocol."""
+    if own:
+        return dict(own)
+    proto = uri.split("://", 1)[0] if "://" in uri else "file"
+    out = cfg.output.uri
+    out_proto = out.split("://", 1)[0] if "://" in out else "file"
+    return dict(cfg.output.storage_options) if proto == out_proto else {}
+
+
+@dataclass
+class _Rendered:
+    row: RowSpec
+    image: object  # uint8 HWC array, or None
+    status: str
+    reason: Optional[str]
+    truncated: bool
+    timings: dict
+
+
+class RenderWorker:
+    """Loads, compiles and warms up the pipeline once; then renders shards on request."""
+
+    def __init__(self, cfg: RunConfig, run_id: str, worker_id: str):
+        import torch
+
+        from .model.pipeline import CogView3PlusPipeline
+
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        t0 = time.perf_counter()
+        self.cfg, self.run_id, self.worker_id = cfg, run_id, worker_id
+        self.faults = FaultPlan.from_env()
+        threads = max(1, int(cfg.workers.cpus_per_worker))
+        torch.set_num_threads(threads)
+        local = resolve_model_path(cfg.model.path, options_for(cfg.model.path, None, cfg))
+        self.pipe = CogView3PlusPipeline.from_pretrained(
+            local, device=cfg.model.device, dtype=cfg.model.dtype, compile=cfg.model.compile)
+        self.model_hash = self.pipe.identity["config_hash"]
+        self.load_s = time.perf_counter() - t0
+        self.compile_s = 0.0
+        if cfg.model.compile != "none":
+            r = cfg.render
+            self.compile_s = self.pipe.warmup(r.height, r.width, r.batch_size, num_inference_steps=2,
+                                              guidance_scale=r.guidance_scale)
+        self.node = socket.gethostname()
+        dev = self.pipe.device
+        self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        self.store = RunStore(cfg.output.uri, run_id, cfg.output.storage_options)
+        self.fs, _ = open_filesystem(cfg.dataset.uri, options_for(cfg.dataset.uri, None, cfg))
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "node": self.node, "device": self.device_name,
+                "pid": os.getpid(), "load_s": self.load_s, "compile_s": self.compile_s}
+
+    # -- one shard ------------------------------------------------------------------------
+
+    def render_shard(self, shard: Shard, attempt: int, submitted_at: float) -> ShardResult:
+        started = time.time()
+        queue_s = max(0.0, started - submitted_at)
+        cfg = self.cfg
+        rows = read_shard_rows(shard, cfg.dataset, cfg.render, self.fs)
+        if cfg.dataset.id_column:
+            rows = [self._claim(shard, r) for r in rows]
+        self.faults.before_shard(rows)
+        rendered: list[_Rendered] = [
+            _Rendered(r, None, "rejected", r.reason, False, {}) for r in rows if r.status == "rejected"]
+        sink = make_sink(cfg.output.format, self.store, shard.shard_id, cfg.output.image_format)
+        written: dict[int, tuple[str, int, str, float, float]] = {}
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            futures = []
+            for (h, w, steps, guidance), group in group_for_render(rows).items():
+                bs = cfg.render.batch_size
+                for i in range(0, len(group), bs):
+                    for out in self._render_batch(group[i:i + bs], h, w, steps, guidance):
+                        rendered.append(out)
+                        if out.status == "ok":
+                            # encoding and upload overlap the next batch's rendering
+                            futures.append(writer.submit(self._encode_and_add, sink, out))
+            for f in futures:
+                row_index, entry = f.result()
+                written[row_index] = entry
+        sink.close()
+        records = [self._record(shard, out, attempt, queue_s, written.get(out.row.row_index)) for out in rendered]
+        records.sort(key=lambda r: r.row_index)
+        return ShardResult(shard.shard_id, attempt, self.worker_id, self.node, self.device_name, records,
+                           started_at=started, finished_at=time.time(), load_s=self.load_s)
+
+    def _claim(self, shard: Shard, row: RowSpec) -> RowSpec:
+        """Across shards, the first claimant of an output key keeps it; later rows are duplicates."""
+        if row.status != "pending":
+            return row
+        owner = json.dumps({"id": row.row_id, "file": shard.file, "row_index": row.row_index},
+                           sort_keys=True).encode()
+        rel = f"{CLAIMS_DIR}/{row.key}.json"
+        if self.store.create_once(rel, owner) or self.store.read(rel) == owner:
+            return row
+        return _replace(row, status="rejected", reason="duplicate_id")
+
+    def _render_batch(self, batch: list[RowSpec], h: int, w: int, steps: int, guidance: float) -> list[_Rendered]:
+        """Render one batch; on device OOM split it in halves, down to single rows."""
+        import torch
+
+        from .model.pipeline import to_uint8_hwc
+
+        n = len(batch)
+        padded = list(batch)
+        if self.cfg.model.compile != "none" and n < self.cfg.render.batch_size:
+            # static shapes: pad a partial batch instead of compiling a new graph
+            padded += [batch[-1]] * (self.cfg.render.batch_size - n)
+        try:
+            self.faults.before_batch(batch)
+            res = self.pipe.generate([r.prompt for r in padded], [r.seed for r in padded], h, w,
+                                     num_inference_steps=steps, guidance_scale=guidance,
+                                     negative_prompt=[r.negative_prompt for r in padded],
+                                     max_sequence_length=self.cfg.render.max_sequence_length)
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if n == 1:
+                return [_Rendered(batch[0], None, "failed", "out_of_memory", False, {})]
+            half = n // 2
+            return (self._render_batch(batch[:half], h, w, steps, guidance)
+                    + self._render_batch(batch[half:], h, w, steps, guidance))
+        images = to_uint8_hwc(res.images[:n])
+        finite = self.faults.finite(batch, res.finite[:n])
+        share = {k: v / n for k, v in res.timings_s.items()}
+        out = []
+        for i, r in enumerate(batch):
+            ok = finite[i]
+            out.append(_Rendered(r, images[i] if ok else None, "ok" if ok else "failed",
+                                 None if ok else "nonfinite_output", res.truncated[i], share))
+        return out
+
+    def _encode_and_add(self, sink, out: _Rendered):
+        cfg = self.cfg.output
+        t0 = time.perf_counter()
+        data = encode_image(out.image, cfg.image_format, cfg.quality)
+        t1 = time.perf_counter()
+        r = out.row
+        meta = {"id": r.row_id, "prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": r.seed,
+                "height": r.height, "width": r.width, "num_inference_steps": r.num_inference_steps,
+                "guidance_scale": r.guidance_scale}
+        key = sink.add(r.key, data, meta)
+        return r.row_index, (key, len(data), sha256_hex(data), t1 - t0, time.perf_counter() - t1)
+
+    def _record(self, shard: Shard, out: _Rendered, attempt: int, queue_s: float, written) -> RowRecord:
+        r, t = out.row, out.timings
+        rec = RowRecord(
+            run_id=self.run_id, shard_id=shard.shard_id, id=r.row_id, file=r.file, row_index=r.row_index,
+            prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, height=r.height, width=r.width,
+            num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale, status=out.status,
+            reason=out.reason, queue_s=queue_s, text_encoding_s=t.get("text_encoding"),
+            denoising_s=t.get("denoising"), decoding_s=t.get("decoding"), worker_id=self.worker_id,
+            node=self.node, device=self.device_name, attempt=attempt, model_path=self.cfg.model.path,
+            model_hash=self.model_hash, prompt_truncated=out.truncated)
+        if written is not None:
+            rec.key, rec.bytes, rec.sha256, rec.image_encoding_s, rec.writing_s = written
+            if out.truncated:
+                rec.reason = "prompt_truncated"
+        return rec
+
+
+def _replace(row: RowSpec, **changes) -> RowSpec:
+    import dataclasses
+
+    return dataclasses.replace(row, **changes)
+
