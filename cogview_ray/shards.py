@@ -2,8 +2,9 @@
 footers, so the driver's memory and time do not grow with the number of prompts."""
 from __future__ import annotations
 
-import datetime as _dt
 import glob as _glob
+import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 # Footer reads fetch this much from the end of the file in one request; enough for the
 # footers of files with thousands of row groups, far less than any prompt data.
 FOOTER_BLOCK_BYTES = 64 * 1024
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 
 
 class DatasetError(ValueError):
@@ -136,20 +137,19 @@ def check_schema(path: str, schema: pa.Schema, prompt_column: str, id_column: Op
             )
 
 
-def _file_version(info: dict) -> dict:
-    """ETag where the store gives one (S3), else the modification time, JSON-ready."""
+def _file_version(info: dict, meta: pq.FileMetaData) -> dict:
+    """ETag where the store gives one (S3), else a digest of the Parquet footer.
+
+    Not the modification time: `ray job submit --working-dir` unpacks files with fresh
+    mtimes, which would make every resume of a bundled dataset look like changed input.
+    The footer holds row-group sizes, offsets and column statistics, so rewriting the
+    data changes it.
+    """
     for key in ("ETag", "etag"):
         if info.get(key):
             return {"etag": str(info[key]).strip('"')}
-    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
-        value = info.get(key)
-        if value is not None:
-            if isinstance(value, _dt.datetime):
-                value = value.isoformat()
-            elif not isinstance(value, (int, float, str)):
-                value = str(value)
-            return {"mtime": value}
-    return {}
+    blob = json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()
+    return {"footer_sha256": hashlib.sha256(blob).hexdigest()[:32]}
 
 
 # ---------------------------------------------------------------- planning
@@ -194,7 +194,7 @@ def plan_shards(
         files.append({
             "path": _relative(path, root),
             "size": int(info.get("size") or 0),
-            **_file_version(info),
+            **_file_version(info, meta),
             "num_rows": num_rows,
         })
         usable = num_rows if limit is None else min(num_rows, limit - planned)

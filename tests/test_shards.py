@@ -163,11 +163,14 @@ def test_fingerprint_is_json_and_detects_changes(tmp_path):
     write_prompts(data / "b.parquet", 10)
     _, fp = plan(data)
     assert json.loads(json.dumps(fp)) == fp
-    assert set(fp["files"][0]) == {"path", "size", "mtime", "num_rows"}
+    assert set(fp["files"][0]) == {"path", "size", "footer_sha256", "num_rows"}
 
-    # moving the whole dataset (same bytes, same mtimes) changes nothing
+    # moving the whole dataset changes nothing, even with fresh mtimes (as `ray job submit
+    # --working-dir` unpacks files)
     moved = tmp_path / "moved"
-    shutil.copytree(data, moved, copy_function=shutil.copy2)
+    shutil.copytree(data, moved, copy_function=shutil.copy)
+    for f in moved.iterdir():
+        os.utime(f, ns=(1, 1))
     assert diff_fingerprints(fp, plan(moved)[1]) == []
 
     # rewrite with the same row count: the content changed, the fingerprint must too
@@ -178,19 +181,19 @@ def test_fingerprint_is_json_and_detects_changes(tmp_path):
     assert changed != fp
     lines = diff_fingerprints(fp, changed)
     assert lines and all(line.startswith("a.parquet: ") for line in lines)
-    assert any("mtime" in line for line in lines)
+    assert any("footer_sha256" in line for line in lines)
 
     write_prompts(data / "c.parquet", 1)
     assert "c.parquet: added" in diff_fingerprints(changed, plan(data)[1])
 
 
-def test_fingerprint_prefers_etag():
+def test_fingerprint_prefers_etag_else_footer_digest(tmp_path):
     from cogview_ray.shards import _file_version
-    import datetime
 
-    assert _file_version({"ETag": '"abc"', "LastModified": datetime.datetime(2024, 1, 1)}) == {"etag": "abc"}
-    assert _file_version({"LastModified": datetime.datetime(2024, 1, 1)}) == {"mtime": "2024-01-01T00:00:00"}
-    assert _file_version({"mtime": 12.5}) == {"mtime": 12.5}
+    meta = pq.read_metadata(write_prompts(tmp_path / "a.parquet", 3))
+    assert _file_version({"ETag": '"abc"', "mtime": 5}, meta) == {"etag": "abc"}
+    version = _file_version({"mtime": 12.5}, meta)
+    assert set(version) == {"footer_sha256"} and version == _file_version({"mtime": 99.0}, meta)
 
 
 # ---------------------------------------------------------------- bad input
