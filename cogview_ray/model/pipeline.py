@@ -79,6 +79,9 @@ class CogView3PlusPipeline:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         if compile != "none":
             mode = None if compile == "default" else compile
+            # one graph per (height, width, text length): datasets with per-row sizes need more
+            # than dynamo's default of 8 before it would fall back to eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # static shapes: every forward is one item, so no batch size ever recompiles
             self._denoise = torch.compile(transformer, fullgraph=True, dynamic=False, mode=mode)
             self._decode = torch.compile(vae, fullgraph=True, dynamic=False, mode=mode)
@@ -210,11 +213,12 @@ class CogView3PlusPipeline:
         return GenerateResult(images, timings, [c > max_sequence_length for c in counts], finite.tolist())
 
     def warmup(self, height: int, width: int, batch_size: int = 1, num_inference_steps: int = 2,
-               guidance_scale: float = 5.0) -> float:
+               guidance_scale: float = 5.0, max_sequence_length: int = 224) -> float:
         """Run one small generation (compiles when compiling); returns seconds spent."""
         t0 = time.perf_counter()
         self.generate(["warm-up"] * batch_size, list(range(batch_size)), height, width,
-                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      max_sequence_length=max_sequence_length)
         self.compile_s = time.perf_counter() - t0
         return self.compile_s
 
