@@ -23,7 +23,9 @@ OVERRIDE_COLUMNS = ("seed", "negative_prompt", "height", "width", "num_inference
 # not the whole file.
 READ_BUFFER_BYTES = 1 << 20
 
-_SAFE_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+# No dots: webdataset readers split a tar member's name at its first dot into key and
+# extension, so `v1.2` would group with `v1`.
+_SAFE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Hashed keys end in -<16 hex>; ids with that tail are hashed too, so the two never collide.
 _HASHED_TAIL_RE = re.compile(r"-[0-9a-f]{16}")
 _UNSAFE_RUN_RE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -60,8 +62,8 @@ def derive_seed(run_seed: int, row_id: str) -> int:
 def object_key(row_id: str) -> str:
     """A flat key that cannot leave the run prefix: safe ids as they are, others slug + hash.
 
-    Safe ids: 1-128 of [A-Za-z0-9._-], not starting with '.', not ending like a hashed key.
-    Anything else (`../x`, `/etc/passwd`, `a/b`, '', long or non-ASCII ids) becomes
+    Safe ids: 1-128 of [A-Za-z0-9_-] (no dots), not ending like a hashed key. Anything else
+    (`v1.2`, `../x`, `/etc/passwd`, `a/b`, '', long or non-ASCII ids) becomes
     '{slug}-{first 16 hex of sha256(id)}', at most 81 characters of [A-Za-z0-9_-].
     """
     row_id = str(row_id)

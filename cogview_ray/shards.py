@@ -148,8 +148,25 @@ def _file_version(info: dict, meta: pq.FileMetaData) -> dict:
     for key in ("ETag", "etag"):
         if info.get(key):
             return {"etag": str(info[key]).strip('"')}
-    blob = json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()
-    return {"footer_sha256": hashlib.sha256(blob).hexdigest()[:32]}
+    return {"footer_sha256": _footer_digest(meta)}
+
+
+def _footer_digest(meta: pq.FileMetaData) -> str:
+    """sha256 over the footer's layout (row groups, column chunk sizes and offsets) and, where
+    they decode, the column statistics."""
+    h = hashlib.sha256(meta.schema.to_arrow_schema().to_string().encode())
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        h.update(f"rg{i}:{rg.num_rows}:{rg.total_byte_size}".encode())
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            h.update(f"{j}:{col.total_compressed_size}:{col.total_uncompressed_size}:{col.data_page_offset}".encode())
+            try:
+                stats = col.statistics.to_dict() if col.is_stats_set else None
+            except (UnicodeDecodeError, ValueError):  # min/max of invalid UTF-8 strings
+                stats = None
+            h.update(json.dumps(stats, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
 
 
 # ---------------------------------------------------------------- planning
