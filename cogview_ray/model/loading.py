@@ -5,6 +5,7 @@ component costs one copy of its weights in memory. Pickle weights are never open
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable, Iterable
@@ -36,6 +37,16 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}.")
     return data
+
+
+def config_fields(cls, d: dict, source: str, ignored: Iterable[str] = ()) -> dict:
+    """The keys of a component config that dataclass `cls` takes; any other key (except
+    `_`-prefixed bookkeeping and `ignored` leftovers) is an error naming `source`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in d if k not in names and not k.startswith("_") and k not in set(ignored))
+    if unknown:
+        raise CheckpointError(f"{source} has unknown key(s) {unknown}")
+    return {k: v for k, v in d.items() if k in names}
 
 
 def read_model_index(path: str | Path) -> dict:

@@ -11,6 +11,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .loading import config_fields
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -31,11 +33,7 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if k not in names and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"scheduler/scheduler_config.json has unknown key(s) {unknown}")
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg = cls(**config_fields(cls, d, "scheduler/scheduler_config.json"))
         checks = {
             "beta_schedule": (cfg.beta_schedule, ("scaled_linear", "linear")),
             "prediction_type": (cfg.prediction_type, ("v_prediction", "epsilon", "sample")),

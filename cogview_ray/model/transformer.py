@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loading import config_fields
+
 # Keys diffusers writes into config.json that do not shape the network.
 _IGNORED_CONFIG_KEYS = {"pooled_projection_dim"}
 
@@ -37,18 +39,10 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
-        return cls(**_known_fields(cls, d, "transformer"))
+        return cls(**config_fields(cls, d, "transformer/config.json", _IGNORED_CONFIG_KEYS))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _known_fields(cls, d: dict, component: str) -> dict:
-    names = {f.name for f in fields(cls)}
-    unknown = [k for k in d if k not in names and not k.startswith("_") and k not in _IGNORED_CONFIG_KEYS]
-    if unknown:
-        raise ValueError(f"{component}/config.json has unknown key(s) {sorted(unknown)}")
-    return {k: v for k, v in d.items() if k in names}
 
 
 def sincos_table(dim: int, grid: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loading import config_fields
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -40,11 +42,8 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if k not in names and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"vae/config.json has unknown key(s) {unknown}")
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        kw = {k: (tuple(v) if isinstance(v, list) else v)
+              for k, v in config_fields(cls, d, "vae/config.json").items()}
         cfg = cls(**kw)
         if cfg.act_fn != "silu":
             raise ValueError(f"vae/config.json act_fn {cfg.act_fn!r} is not supported (only 'silu')")
