@@ -1,4 +1,4 @@
-"""`cogview-ray` command line: render, verify, make-checkpoint."""
+"""`cogview-ray` command line: render, verify, make-checkpoint, nightly, report."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,45 @@ def _make_checkpoint(args) -> int:
     return 0
 
 
+def _nightly(args) -> int:
+    import datetime as dt
+
+    from .config import ConfigError
+    from .model.loading import CheckpointError
+    from .nightly import EXIT_ERROR, run_nightly
+    from .shards import DatasetError
+    from .storage import StorageError
+
+    try:
+        day = dt.date.fromisoformat(args.date) if args.date else None
+    except ValueError:
+        print(f"cogview-ray: error: --date {args.date!r} is not a date like 2025-01-31.", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        result = run_nightly(args.config, args.overrides, day=day)
+    except (ConfigError, DatasetError, CheckpointError, StorageError) as e:
+        print(f"cogview-ray: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    render = result.render
+    print(json.dumps({"run": result.run_uri, "day": result.day.isoformat(), "status": result.status,
+                      "totals": render.totals if render else None, "deleted": result.deleted}, sort_keys=True))
+    return result.exit_code
+
+
+def _report(args) -> int:
+    from .report import ReportError, build_report
+    from .storage import StorageError
+
+    options = json.loads(args.storage_options) if args.storage_options else None
+    try:
+        result = build_report(args.run_uri, args.out, options, sample_size=args.sample)
+    except (ReportError, StorageError, ValueError) as e:
+        print(f"cogview-ray: error: {e}", file=sys.stderr)
+        return 2
+    print(result.html)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cogview-ray", description="Batch rendering of CogView3-Plus on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("out_dir")
     m.set_defaults(fn=_make_checkpoint)
+
+    n = sub.add_parser("nightly", help="render today's run (date-stamped id); resumes it, or does nothing if "
+                                       "it is complete; applies nightly.keep_days retention")
+    n.add_argument("config", help="YAML config file; an optional `nightly:` section holds timezone, "
+                                  "run_id_format and keep_days")
+    n.add_argument("overrides", nargs="*", help="key=value overrides, nightly.* included")
+    n.add_argument("--date", help="render the run of this day (YYYY-MM-DD) instead of today, e.g. a backfill")
+    n.set_defaults(fn=_nightly)
+
+    rp = sub.add_parser("report", help="write report.html with a contact sheet and timing charts for a run")
+    rp.add_argument("run_uri", help="{output.uri}/{run_id}")
+    rp.add_argument("--out", help="output folder (default ./report-{run_id})")
+    rp.add_argument("--sample", type=int, default=24, help="images on the contact sheet (default 24)")
+    rp.add_argument("--storage-options", help="JSON dict passed to fsspec (credentials otherwise from env)")
+    rp.set_defaults(fn=_report)
     return p
 
 

@@ -1,0 +1,131 @@
+"""`cogview-ray report` on finished tiny runs (all three output formats, local and S3)."""
+import json
+import re
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cogview_ray.cli import main as cli_main
+from cogview_ray.config import load_config
+from cogview_ray.driver import run_render
+from cogview_ray.manifest import read_manifest
+from cogview_ray.report import FILES, RENDER_STAGES, build_report
+from cogview_ray.storage import RunStore
+
+pytestmark = pytest.mark.timeout(300)
+
+ROWS = 7
+EVIL = "<script>alert('x')</script> & a red bicycle"
+
+
+def write_prompts(path) -> str:
+    prompts = [f"a small house, style {i}" for i in range(ROWS)]
+    prompts[2] = "  "  # rejected: empty_prompt
+    prompts[4] = EVIL
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(ROWS)], "prompt": prompts}), str(path))
+    return str(path)
+
+
+def render(tmp_path, checkpoint, fmt, out_uri=None, storage_options=None, data=None):
+    import dataclasses
+
+    cfg = load_config(None, [
+        f"model.path={checkpoint}", "model.dtype=float32", "model.device=cpu",
+        f"dataset.uri={data or write_prompts(tmp_path / 'prompts.parquet')}", "dataset.id_column=id",
+        "dataset.shard_size=3", "render.height=64", "render.width=64", "render.num_inference_steps=2",
+        "render.batch_size=2", "workers.num_workers=2", f"output.uri={out_uri or tmp_path / 'out'}",
+        "output.run_id=rep", f"output.format={fmt}"])
+    if storage_options:
+        cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, storage_options=storage_options))
+    outcome = run_render(cfg)
+    assert outcome.exit_code == 0
+    return outcome
+
+
+def check_report(result, store: RunStore):
+    table = read_manifest(store).to_pylist()
+    ok = [r for r in table if r["status"] == "ok"]
+    data = result.data
+    assert data.complete
+    assert data.totals == {"rows": ROWS, "ok": ROWS - 1, "failed": 0, "rejected": 1, "shards_committed": 3,
+                           "failed_shards": 0}
+    # the sample: every ok image (fewer than the default 24), with its id and seed
+    assert [(s["id"], s["seed"]) for s in result.sample] == sorted((r["id"], r["seed"]) for r in ok)
+
+    summary = json.loads(open(f"{result.out_dir}/report.json").read())
+    series = summary["throughput"]
+    widths = np.diff(series["edges_s"])
+    assert series["cumulative"][-1] == ROWS - 1
+    assert float(np.dot(series["rate"], widths)) == pytest.approx(ROWS - 1)
+    busy = summary["workers"]
+    assert sorted(busy) == sorted({r["worker_id"] for r in table if r["worker_id"]}) and len(busy) == 2
+    assert sum(b["images"] for b in busy.values()) == ROWS - 1
+    for w, b in busy.items():
+        expected = sum(r[s] or 0.0 for r in table if r["worker_id"] == w for s in RENDER_STAGES)
+        assert b["render_s"] == pytest.approx(expected) and b["render_s"] > 0
+
+    sizes = {}
+    for name, path in result.pngs.items():
+        with Image.open(path) as im:
+            im.load()
+            assert im.format == "PNG"
+            sizes[name] = im.size
+            assert 300 <= im.size[0] <= 3000 and 200 <= im.size[1] <= 3000, (name, im.size)
+    # six images in one row of six tiles, each drawn (noise-like pixels, not a blank figure)
+    assert sizes["contact_sheet"] == (1140, 220)
+    sheet = np.asarray(Image.open(result.pngs["contact_sheet"]).convert("L"), dtype=float)
+    assert sheet.std() > 20
+
+    page = open(result.html, encoding="utf-8").read()
+    for f in FILES.values():
+        assert f"src='{f}'" in page
+    for key, value in data.totals.items():
+        assert f"id='total-{key}'>{value}<" in page
+    assert page.count("<tr class='sample'>") == ROWS - 1
+    assert "empty_prompt" in page
+    assert "<script>" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; a red" in page
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+def test_report_of_a_finished_run(ray_cluster, tiny_checkpoint, tmp_path, fmt):
+    render(tmp_path, tiny_checkpoint, fmt)
+    store = RunStore(str(tmp_path / "out"), "rep")
+    assert cli_main(["verify", store.url()]) == 0
+    out_dir = tmp_path / "report"
+    assert cli_main(["report", store.url(), "--out", str(out_dir)]) == 0
+    result = build_report(store.url(), str(out_dir))
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([*FILES.values(), "report.html", "report.json"])
+    check_report(result, store)
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_report_of_an_s3_run(ray_cluster, tiny_checkpoint, tmp_path, s3_bucket, s3_storage_options, capsys):
+    render(tmp_path, tiny_checkpoint, "webdataset", f"s3://{s3_bucket}/renders", s3_storage_options)
+    store = RunStore(f"s3://{s3_bucket}/renders", "rep", s3_storage_options)
+    assert cli_main(["verify", store.url(), "--storage-options", json.dumps(s3_storage_options)]) == 0
+    capsys.readouterr()
+    out_dir = tmp_path / "s3-report"
+    code = cli_main(["report", f"s3://{s3_bucket}/renders/rep", "--out", str(out_dir),
+                     "--storage-options", json.dumps(s3_storage_options)])
+    assert code == 0 and capsys.readouterr().out.strip() == str(out_dir / "report.html")
+    check_report(build_report(store.url(), str(out_dir), s3_storage_options), store)
+
+
+def test_missing_matplotlib_is_one_clear_sentence(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert cli_main(["report", str(tmp_path / "out" / "rep"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cogview-ray: error: cogview-ray report needs matplotlib: pip install 'cogview-ray[report]'."
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_without_a_run_is_refused(tmp_path, capsys):
+    (tmp_path / "out" / "nothing").mkdir(parents=True)
+    assert cli_main(["report", str(tmp_path / "out" / "nothing"), "--out", str(tmp_path / "r")]) == 2
+    assert re.search(r"holds no run \(no _run.json and no committed shards\)", capsys.readouterr().err)
