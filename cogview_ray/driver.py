@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections import deque
@@ -19,19 +18,21 @@ from typing import Optional
 
 from . import __version__
 from .config import RunConfig, diff_output_defining, output_defining, redacted
-from .manifest import (RowRecord, ShardResult, acquire_lock, commit_shard, committed_shards, read_commit,
-                       read_lock, read_run_info, read_success, release_lock, write_manifest_part,
-                       write_run_info, write_success)
+from .faults import FaultPlan
+from .manifest import (RowRecord, ShardResult, commit_path, commit_shard, committed_shards, read_commit,
+                       read_run_info, read_success, write_manifest_part, write_run_info, write_success)
 from .progress import Progress
 from .rows import read_shard_rows
+from .run_lock import LockError, RunLock
 from .shards import Shard, diff_fingerprints, plan_shards
 from .stats import RunStats
-from .storage import RunStore, open_filesystem
+from .storage import RunStore, StorageError, open_filesystem
 from .worker import options_for
 
 log = logging.getLogger("cogview_ray.driver")
 
 FAILED_DIR = "failed"
+FAILED_SUMMARY = "_FAILED.json"
 FORWARDED_ENV = ("COGVIEW_RAY_FAULTS", "COGVIEW_RAY_CACHE")
 
 
@@ -49,6 +50,7 @@ class RunOutcome:
     shards_failed: int
     rows_rendered: int
     totals: dict = field(default_factory=dict)
+    workers_replaced: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -74,18 +76,21 @@ class _Slot:
     generation: int
     actor: object
     worker_id: str
+    ready_ref: object = None  # info() of a replacement until it has loaded; no shards before that
+    dead: bool = False
     inflight: dict = field(default_factory=dict)  # ObjectRef -> _Task, in submission order
     head_started: float = 0.0  # when the oldest in-flight shard started (actor tasks run in order)
 
 
 class Driver:
     def __init__(self, cfg: RunConfig, *, lock_stale_s: float = 120.0, heartbeat_s: float = 15.0,
-                 out=sys.stderr):
+                 out=None):
         self.cfg = cfg
         self.lock_stale_s, self.heartbeat_s = lock_stale_s, heartbeat_s
-        self.out = out
+        self.out = out if out is not None else sys.stderr  # looked up now: tests and tools swap sys.stderr
         self.store: Optional[RunStore] = None
-        self.lock_owner: dict = {}
+        self.lock: Optional[RunLock] = None
+        self.faults = FaultPlan.from_env()
 
     # -- planning, run identity, lock -----------------------------------------------------
 
@@ -95,33 +100,6 @@ class Driver:
         shards, fingerprint = plan_shards(cfg.dataset, fs)
         run_id = cfg.output.run_id or default_run_id(cfg, fingerprint)
         return shards, fingerprint, run_id
-
-    def _lock(self) -> None:
-        store = self.store
-        self.lock_owner = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
-                           "heartbeat_at": time.time()}
-        if acquire_lock(store, self.lock_owner, takeover=self.cfg.takeover_lock):
-            self.lock_owner = read_lock(store) or self.lock_owner
-            return
-        holder = read_lock(store) or {}
-        if _lock_is_stale(holder, self.lock_stale_s):
-            self._say(f"taking over a stale run lock left by pid {holder.get('pid')} on {holder.get('host')}")
-            if acquire_lock(store, self.lock_owner, takeover=True):
-                self.lock_owner = read_lock(store) or self.lock_owner
-                return
-            holder = read_lock(store) or {}
-        raise RunError(
-            f"run {store.url()} is locked by a driver (pid {holder.get('pid')} on host {holder.get('host')}); "
-            f"if that driver is gone, rerun with takeover_lock=true")
-
-    def _heartbeat(self) -> None:
-        if time.time() - self.lock_owner.get("heartbeat_at", 0) < self.heartbeat_s:
-            return
-        current = read_lock(self.store) or {}
-        if current.get("lock_id") != self.lock_owner.get("lock_id"):
-            raise RunError(f"the run lock of {self.store.url()} was taken over by another driver; stopping")
-        self.lock_owner["heartbeat_at"] = time.time()
-        self.store.write("_LOCK", json.dumps(self.lock_owner, sort_keys=True, indent=2).encode())
 
     def _check_resume(self, fingerprint: dict) -> None:
         info = read_run_info(self.store)
@@ -148,7 +126,13 @@ class Driver:
         cfg = self.cfg
         shards, fingerprint, run_id = self.plan()
         self.store = store = RunStore(cfg.output.uri, run_id, cfg.output.storage_options)
-        self._lock()
+        self.lock = RunLock(store, stale_s=self.lock_stale_s, heartbeat_s=self.heartbeat_s, say=self._say)
+        try:
+            self.lock.acquire(takeover=cfg.takeover_lock)
+        except LockError as e:
+            raise RunError(str(e)) from None
+        except StorageError as e:
+            raise RunError(f"could not take the run lock: {e}") from None
         try:
             self._check_resume(fingerprint)
             done = self._scan_committed()
@@ -159,16 +143,19 @@ class Driver:
                 outcome.totals = read_success(store).get("totals", {})
                 return outcome
             stats = RunStats()
-            if todo:
-                _ensure_ray(ray)
-                self._dispatch(todo, stats, outcome)
-            self._finalize(shards, stats, outcome)
+            try:
+                if todo:
+                    _ensure_ray(ray)
+                    self._dispatch(todo, stats, outcome)
+                self._finalize(shards, stats, outcome)
+            except StorageError as e:
+                raise RunError(f"{e}; the {outcome.shards_skipped + outcome.shards_committed} shard(s) committed "
+                               f"so far are kept, rerun the same command to resume") from None
+            except LockError as e:
+                raise RunError(str(e)) from None
             return outcome
         finally:
-            try:
-                release_lock(store)
-            except Exception as e:  # the lock then looks stale to the next driver
-                log.warning("could not release the run lock: %s", e)
+            self.lock.release()
 
     def _scan_committed(self) -> set[str]:
         """Committed shard ids; shards committed as failed are uncommitted here so they run again."""
@@ -178,26 +165,43 @@ class Driver:
         for shard_id in sorted(failed & committed):
             store.delete(f"commits/{shard_id}.json")
             store.delete(f"{FAILED_DIR}/{shard_id}.json")
+        for shard_id in sorted(failed - committed):
+            # a marker whose commit is gone (a driver stopped between the two deletes above, or
+            # between writing it and committing): drop it, or it would uncommit a later success
+            store.delete(f"{FAILED_DIR}/{shard_id}.json")
         return committed - failed
 
     def _dispatch(self, todo: deque, stats: RunStats, outcome: RunOutcome) -> None:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         cfg = self.cfg
         n_workers = min(resolve_num_workers(cfg, ray.cluster_resources()), len(todo))
+        slots: list[_Slot] = []
+        try:
+            slots.extend(self._start_worker(i, 0) for i in range(n_workers))
+            self._await_ready(slots)
+            self._dispatch_loop(slots, todo, stats, outcome)
+        finally:
+            # on success and on every error: no actor outlives the dispatch
+            for slot in slots:
+                _kill(ray, slot.actor)
+
+    def _dispatch_loop(self, slots: list[_Slot], todo: deque, stats: RunStats, outcome: RunOutcome) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayError, RayTaskError
+
+        cfg = self.cfg
         attempts: dict[str, int] = {}
         pending: dict = {}  # ObjectRef -> slot index
-        slots = [self._start_worker(i, 0) for i in range(n_workers)]
-        self._await_ready(slots)
-        replacements, max_replacements = 0, n_workers * cfg.workers.max_attempts + 4
-        progress = Progress(total_rows=sum(s.num_rows for s in todo), workers=n_workers, out=self.out)
+        replacements, max_replacements = 0, len(slots) * cfg.workers.max_attempts + 4
+        progress = Progress(total_rows=sum(s.num_rows for s in todo), workers=len(slots), out=self.out)
 
         def requeue(task: _Task, error: Optional[str]) -> None:
             if error is None:
                 todo.appendleft(task.shard)
                 return
             n = attempts[task.shard.shard_id] = attempts.get(task.shard.shard_id, 0) + 1
+            stats.note("shard_attempts_failed")
             if n >= cfg.workers.max_attempts:
                 self._commit_failed(task.shard, n, error, stats, outcome)
                 progress.advance(task.shard.num_rows, ok=0)
@@ -211,23 +215,30 @@ class Driver:
             for ref in slot.inflight:
                 pending.pop(ref, None)
             slot.inflight.clear()
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:
-                pass
+            slot.dead, slot.ready_ref = True, None
+            _kill(ray, slot.actor)
+            stats.note("workers_lost")
             for i, task in enumerate(tasks):
                 # only the shard that was running is charged; those queued behind it were innocent
                 requeue(task, error if i == 0 else None)
             replacements += 1
             if replacements > max_replacements:
                 raise RunError(f"workers died {replacements} times ({error}); giving up")
-            if todo or any(s.inflight for s in slots):
-                slots[slot.index] = self._start_worker(slot.index, slot.generation + 1)
-                progress.workers_alive = sum(1 for s in slots if s is not None)
+            progress.workers_alive = sum(1 for s in slots if not s.dead)
 
         while todo or pending:
-            self._heartbeat()
+            self.lock.check()
+            for i, slot in enumerate(slots):
+                if slot.dead and todo:
+                    slots[i] = self._start_worker(slot.index, slot.generation + 1, replacement=True)
+                    outcome.workers_replaced += 1
+                    stats.note("workers_replaced")
+                    progress.workers_alive = sum(1 for s in slots if not s.dead)
             for slot in slots:
+                # not to a replacement still loading its pipeline: queued there, shards would wait
+                # for it while ready workers run out of work
+                if slot.dead or slot.ready_ref is not None:
+                    continue
                 while todo and len(slot.inflight) < cfg.workers.max_in_flight:
                     shard = todo.popleft()
                     task = _Task(shard, attempts.get(shard.shard_id, 0) + 1, time.time())
@@ -236,7 +247,10 @@ class Driver:
                         slot.head_started = time.time()
                     slot.inflight[ref] = task
                     pending[ref] = slot.index
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            loading = [s.ready_ref for s in slots if s.ready_ref is not None]
+            if not pending and not loading:
+                continue  # nothing to wait for: the next pass replaces dead workers
+            ready, _ = ray.wait(list(pending) + loading, num_returns=1, timeout=1.0)
             for ref in ready:
                 index = pending.pop(ref, None)
                 if index is None:
@@ -248,10 +262,13 @@ class Driver:
                     # every in-flight shard of a dead actor fails; the oldest one was running
                     lose_worker(slot, f"worker_died: {_first_line(e)}")
                     continue
-                except (RayTaskError, GetTimeoutError) as e:
+                except RayTaskError as e:
                     task = slot.inflight.pop(ref)
                     slot.head_started = time.time()
                     requeue(task, f"worker_error: {_cause(e)}")
+                    continue
+                except RayError as e:  # a lost result: the worker's state is unknown, replace it
+                    lose_worker(slot, f"worker_lost: {_first_line(e)}")
                     continue
                 task = slot.inflight.pop(ref)
                 slot.head_started = time.time()
@@ -262,20 +279,30 @@ class Driver:
                     requeue(task, f"bad_result: {e}")
             now = time.time()
             for slot in slots:
+                if slot.dead:
+                    continue
+                if slot.ready_ref is not None:
+                    # a replacement's clock starts once it has loaded, not while it loads
+                    done, _ = ray.wait([slot.ready_ref], num_returns=1, timeout=0)
+                    if not done:
+                        continue
+                    try:
+                        ray.get(done[0])
+                    except RayError as e:
+                        lose_worker(slot, f"worker_died: could not start: {_cause(e)}")
+                        continue
+                    slot.ready_ref = None
+                    continue
                 if slot.inflight and now - slot.head_started > cfg.workers.shard_timeout_s:
                     head = next(iter(slot.inflight.values()))
                     self._say(f"shard {head.shard.shard_id} exceeded {cfg.workers.shard_timeout_s:g}s "
                               f"on {slot.worker_id}; replacing the worker")
+                    stats.note("shard_timeouts")
                     lose_worker(slot, f"timeout: no result within {cfg.workers.shard_timeout_s:g}s")
             progress.tick()
         progress.close()
-        for slot in slots:
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:
-                pass
 
-    def _start_worker(self, index: int, generation: int) -> _Slot:
+    def _start_worker(self, index: int, generation: int, replacement: bool = False) -> _Slot:
         import ray
 
         from .worker import RenderWorker
@@ -288,16 +315,21 @@ class Driver:
             opts["runtime_env"] = {"env_vars": env}
         worker_id = f"w{index:02d}.{generation}"
         actor = ray.remote(RenderWorker).options(**opts).remote(cfg, self.store.run_id, worker_id)
-        return _Slot(index, generation, actor, worker_id)
+        slot = _Slot(index, generation, actor, worker_id)
+        if replacement:
+            self._say(f"starting worker {worker_id} to replace a lost one")
+            slot.ready_ref = actor.info.remote()
+        return slot
 
     def _await_ready(self, slots: list[_Slot]) -> None:
         """Fail fast when the pipeline cannot load: the loader's error, not endless restarts."""
         import ray
         from ray.exceptions import RayActorError
 
-        for slot in slots:
+        refs = [slot.actor.info.remote() for slot in slots]
+        for slot, ref in zip(slots, refs):
             try:
-                info = ray.get(slot.actor.info.remote())
+                info = ray.get(ref)
             except RayActorError as e:
                 raise RunError(f"worker {slot.worker_id} could not start: {_cause(e)}") from None
             self._say(f"worker {info['worker_id']} ready on {info['node']} ({info['device']}): "
@@ -308,9 +340,17 @@ class Driver:
     def _commit(self, shard: Shard, result: ShardResult, stats: RunStats, outcome: RunOutcome) -> None:
         if len(result.records) != shard.num_rows:
             raise ValueError(f"{len(result.records)} records for {shard.num_rows} rows")
+        self.lock.check(read=True)
+        if self.store.exists(commit_path(shard.shard_id)):
+            # only after a lock takeover raced with this driver's last check: the first commit stands
+            self._say(f"shard {shard.shard_id} was committed by another driver meanwhile; keeping that commit")
+            return
+        self.faults.at_driver("before_manifest", shard.shard_id)
         write_manifest_part(self.store, shard.shard_id, result.records)
+        self.faults.at_driver("after_manifest", shard.shard_id)
         summary = {"rows": shard.num_rows, "status": "ok", "attempt": result.attempt,
-                   "worker_id": result.worker_id, "committed_at": time.time()}
+                   "worker_id": result.worker_id, "committed_at": time.time(),
+                   "lock_id": self.lock.lock_id}
         if not commit_shard(self.store, shard.shard_id, summary):
             log.warning("shard %s was already committed; keeping the first commit", shard.shard_id)
         stats.add(result.records)
@@ -321,11 +361,13 @@ class Driver:
         """A shard out of attempts: every row is recorded (rejections stay rejections) and the
         shard is marked failed, so a later run retries it."""
         records = failed_records(self.cfg, self.store.run_id, shard, attempts, error)
+        self.lock.check(read=True)
         write_manifest_part(self.store, shard.shard_id, records)
         self.store.write(f"{FAILED_DIR}/{shard.shard_id}.json",
                          json.dumps({"shard_id": shard.shard_id, "error": error, "attempts": attempts}).encode())
         commit_shard(self.store, shard.shard_id, {"rows": shard.num_rows, "status": "failed", "error": error,
-                                                  "attempt": attempts, "committed_at": time.time()})
+                                                  "attempt": attempts, "committed_at": time.time(),
+                                                  "lock_id": self.lock.lock_id})
         stats.add(records, failed_shard=(shard.shard_id, error))
         outcome.shards_failed += 1
         self._say(f"shard {shard.shard_id} failed after {attempts} attempts: {error}")
@@ -346,10 +388,11 @@ class Driver:
         summary = {"run_id": store.run_id, "totals": totals, **stats.summary(), "failed_shards": failures,
                    "finished_at": time.time()}
         if failures:
-            store.write("_FAILED.json", json.dumps(summary, indent=2, sort_keys=True).encode())
+            store.write(FAILED_SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
             self._say(f"run {store.url()} finished with {len(failures)} failed shard(s); rerun to retry them")
         else:
             write_success(store, summary)
+            store.delete(FAILED_SUMMARY)  # left by an earlier invocation whose failures are now redone
             self._say(f"run {store.url()} complete: {totals['ok']} ok, {totals['failed']} failed, "
                       f"{totals['rejected']} rejected of {totals['rows']} rows")
 
@@ -389,17 +432,11 @@ def resolve_num_workers(cfg: RunConfig, resources: dict) -> int:
     return max(1, int(spare // max(cfg.workers.cpus_per_worker, 1e-9)))
 
 
-def _lock_is_stale(holder: dict, stale_s: float) -> bool:
-    if not holder:
-        return True
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        try:
-            os.kill(holder["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    return time.time() - float(holder.get("heartbeat_at", 0)) > stale_s
+def _kill(ray, actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:
+        pass
 
 
 def _ensure_ray(ray) -> None:
@@ -437,5 +474,5 @@ def _versions() -> dict:
     return out
 
 
-def run_render(cfg: RunConfig, out=sys.stderr) -> RunOutcome:
+def run_render(cfg: RunConfig, out=None) -> RunOutcome:
     return Driver(cfg, out=out).run()

@@ -42,6 +42,10 @@ class RunStats:
         self.reasons = Counter()
         self.stages = {s: Reservoir(seed=i) for i, s in enumerate(STAGES)}
         self.failed_shards = []
+        self.events = Counter()  # workers_lost, workers_replaced, shard_timeouts, shard_attempts_failed
+
+    def note(self, event: str, n: int = 1) -> None:
+        self.events[event] += n
 
     def add(self, records, failed_shard=None) -> None:
         for r in records:
@@ -66,4 +70,6 @@ class RunStats:
             },
             "timings_s": {s: r.percentiles() for s, r in self.stages.items()},
             "reasons": dict(self.reasons),
+            "recoveries": {k: self.events[k] for k in
+                           ("workers_lost", "workers_replaced", "shard_timeouts", "shard_attempts_failed")},
         }

@@ -26,6 +26,7 @@ _PERMANENT_ERRNOS = {
 # storage_options keys whose string values are credentials (matched as substrings).
 _SECRET_HINTS = ("key", "secret", "token", "password", "credential", "sas", "auth", "sig")
 _TMP_DIR = ".tmp"
+_WRITE_OPS = ("write", "upload", "create")
 
 
 class StorageError(Exception):
@@ -281,6 +282,9 @@ class RunStore:
             except ValueError:
                 raise
             except FileNotFoundError:
+                if op_name in _WRITE_OPS:  # a PUT cannot miss its object: the bucket is missing
+                    raise StorageError(f"storage {op_name} of {self._display(rel)} failed (not retryable): "
+                                       f"its bucket or folder does not exist") from None
                 raise FileNotFoundError(f"no object at {self._display(rel)}") from None
             except Exception as err:  # noqa: BLE001 - classified just below
                 transient = is_transient(err)

@@ -17,6 +17,7 @@ from typing import Optional
 from .config import RunConfig
 from .faults import FaultPlan
 from .manifest import RowRecord, ShardResult
+from .model.loading import CheckpointError
 from .rows import RowSpec, group_for_render, read_shard_rows
 from .shards import Shard
 from .sinks import encode_image, make_sink, sha256_hex
@@ -97,23 +98,32 @@ class RenderWorker:
         t0 = time.perf_counter()
         self.cfg, self.run_id, self.worker_id = cfg, run_id, worker_id
         self.faults = FaultPlan.from_env()
+        self.faults.trace("init", worker_id=worker_id)
         threads = max(1, int(cfg.workers.cpus_per_worker))
         torch.set_num_threads(threads)
         local = resolve_model_path(cfg.model.path, options_for(cfg.model.path, None, cfg))
-        self.pipe = CogView3PlusPipeline.from_pretrained(
-            local, device=cfg.model.device, dtype=cfg.model.dtype, compile=cfg.model.compile)
+        try:
+            self.pipe = CogView3PlusPipeline.from_pretrained(
+                local, device=cfg.model.device, dtype=cfg.model.dtype, compile=cfg.model.compile)
+        except CheckpointError:
+            raise
+        except Exception as e:  # e.g. a corrupt safetensors file: say which checkpoint
+            raise CheckpointError(f"Checkpoint {cfg.model.path} could not be loaded "
+                                  f"({type(e).__name__}: {_first_line(e)}).") from None
         self.model_hash = self.pipe.identity["config_hash"]
         self.load_s = time.perf_counter() - t0
         self.compile_s = 0.0
         if cfg.model.compile != "none":
             r = cfg.render
             self.compile_s = self.pipe.warmup(r.height, r.width, r.batch_size, num_inference_steps=2,
-                                              guidance_scale=r.guidance_scale)
+                                              guidance_scale=r.guidance_scale,
+                                              max_sequence_length=r.max_sequence_length)
         self.node = socket.gethostname()
         dev = self.pipe.device
         self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         self.store = RunStore(cfg.output.uri, run_id, cfg.output.storage_options)
         self.fs, _ = open_filesystem(cfg.dataset.uri, options_for(cfg.dataset.uri, None, cfg))
+        self.faults.trace("ready", worker_id=worker_id)
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "node": self.node, "device": self.device_name,
@@ -125,6 +135,7 @@ class RenderWorker:
         started = time.time()
         queue_s = max(0.0, started - submitted_at)
         cfg = self.cfg
+        self.faults.trace("shard", worker_id=self.worker_id, shard=shard.shard_id, attempt=attempt)
         rows = read_shard_rows(shard, cfg.dataset, cfg.render, self.fs)
         if cfg.dataset.id_column:
             rows = [self._claim(shard, r) for r in rows]
@@ -188,6 +199,7 @@ class RenderWorker:
             half = n // 2
             return (self._render_batch(batch[:half], h, w, steps, guidance)
                     + self._render_batch(batch[half:], h, w, steps, guidance))
+        self.faults.trace("rendered", worker_id=self.worker_id, rows=[[r.file, r.row_index] for r in batch])
         images = to_uint8_hwc(res.images[:n])
         finite = self.faults.finite(batch, res.finite[:n])
         share = {k: v / n for k, v in res.timings_s.items()}
@@ -225,6 +237,11 @@ class RenderWorker:
             if out.truncated:
                 rec.reason = "prompt_truncated"
         return rec
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 def _replace(row: RowSpec, **changes) -> RowSpec:
