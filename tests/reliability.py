@@ -133,18 +133,12 @@ def make_cfg(checkpoint, dataset, out_uri, run_id, *extra, storage_options=None)
 
 def set_faults(monkeypatch, tmp_path, rules=(), storage=None) -> Path:
     """Set COGVIEW_RAY_FAULTS (forwarded to workers) with a trace folder; returns the folder."""
-    trace_dir, state_dir = tmp_path / "trace", tmp_path / "fault-state"
-    trace_dir.mkdir(exist_ok=True)
-    state_dir.mkdir(exist_ok=True)
-    spec = {"rules": list(rules), "state_dir": str(state_dir), "trace_dir": str(trace_dir)}
-    if storage:
-        spec["storage"] = storage
-    monkeypatch.setenv(ENV, json.dumps(spec))
-    return trace_dir
+    monkeypatch.setenv(ENV, faults_env(tmp_path, rules, storage)[ENV])
+    return tmp_path / "trace"
 
 
 def faults_env(tmp_path, rules=(), storage=None) -> dict:
-    """Like `set_faults`, as an environment for a subprocess."""
+    """COGVIEW_RAY_FAULTS with a trace and a state folder, as an environment for a subprocess."""
     trace_dir, state_dir = tmp_path / "trace", tmp_path / "fault-state"
     trace_dir.mkdir(exist_ok=True)
     state_dir.mkdir(exist_ok=True)
