@@ -33,7 +33,7 @@ FORMATS = ("files", "webdataset", "parquet")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 RESUME_MODES = ("auto", "force")
 
-_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Key names whose values are never shown in errors or saved configs.
 _SECRET_KEY_RE = re.compile(r"key|secret|token|passw|credential", re.IGNORECASE)
 _URL_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
@@ -120,8 +120,12 @@ _FREE_FORM = {"output.storage_options"}
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: Optional[str | Path], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """YAML file (optional) merged over the defaults, then `key=value` overrides; validated."""
+def load_config(path: Optional[str | Path], overrides: list[str] | tuple[str, ...] = (),
+                ignore_sections: tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (optional) merged over the defaults, then `key=value` overrides; validated.
+
+    `ignore_sections` names top-level YAML sections that another reader owns (e.g. `nightly`).
+    """
     schema = OmegaConf.structured(RunConfig)
     OmegaConf.set_readonly(schema, False)  # frozen dataclasses make it read-only
     OmegaConf.set_struct(schema, True)
@@ -130,7 +134,10 @@ def load_config(path: Optional[str | Path], overrides: list[str] | tuple[str, ..
 
     layers: list[tuple[DictConfig, str]] = []
     if path is not None:
-        layers.append((_read_yaml(Path(path)), f"in {path}"))
+        loaded = _read_yaml(Path(path))
+        if ignore_sections:
+            loaded = OmegaConf.masked_copy(loaded, [k for k in loaded.keys() if k not in ignore_sections])
+        layers.append((loaded, f"in {path}"))
     if overrides:
         layers.append((_parse_overrides(list(overrides)), "on the command line"))
 
@@ -310,7 +317,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _float_min("workers.shard_timeout_s", w.shard_timeout_s, 0.0, inclusive=False)
 
     _nonempty_str("output.uri", o.uri)
-    if o.run_id is not None and not (isinstance(o.run_id, str) and _RUN_ID_RE.fullmatch(o.run_id)):
+    if o.run_id is not None and not (isinstance(o.run_id, str) and RUN_ID_RE.fullmatch(o.run_id)):
         raise ConfigError(
             f"Config key output.run_id must be 1-128 letters, digits, '.', '_' or '-' "
             f"starting with a letter or digit, got {o.run_id!r}."

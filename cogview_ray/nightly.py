@@ -11,14 +11,13 @@ import datetime as dt
 import difflib
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import _RUN_ID_RE, ConfigError, RunConfig, load_config
+from .config import RUN_ID_RE, ConfigError, RunConfig, load_config
 from .driver import RunError, RunOutcome, run_render
 from .manifest import read_lock, read_manifest, read_success
 from .storage import RunStore, open_filesystem
@@ -56,20 +55,19 @@ def load_nightly_config(path: Optional[str], overrides: list[str] = (), *,
                         day: Optional[dt.date] = None, now: Optional[dt.datetime] = None
                         ) -> tuple[NightlyConfig, RunConfig, dt.date]:
     """The nightly settings, the render config with `output.run_id` set to the night's id, and the day."""
-    section, rest_yaml, run_overrides = _split(path, list(overrides))
+    section, run_overrides = _split(path, list(overrides))
     ncfg = _nightly_config(section)
     day = day or today(ncfg, now)
     run_id = night_run_id(ncfg, day)
     run_overrides = [o for o in run_overrides if o.split("=", 1)[0].strip() != "output.run_id"]
     run_overrides.append(f"output.run_id={run_id}")
-    cfg = _load_rest(path, rest_yaml, run_overrides)
+    cfg = load_config(path, run_overrides, ignore_sections=(SECTION,))
     return ncfg, cfg, day
 
 
 def _split(path, overrides):
-    """(nightly mapping, YAML without the section or None if untouched, other overrides)."""
+    """(nightly mapping, the other overrides)."""
     section: dict = {}
-    rest = None
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"Config file {path} does not exist.")
@@ -82,7 +80,6 @@ def _split(path, overrides):
             if not isinstance(node, DictConfig):
                 raise ConfigError(f"Config key {SECTION} in {path} must be a mapping of settings, not a single value.")
             section.update(OmegaConf.to_container(node, resolve=True))
-            rest = OmegaConf.masked_copy(loaded, [k for k in loaded.keys() if k != SECTION])
     others = []
     for item in overrides:
         key = item.split("=", 1)[0].strip() if isinstance(item, str) else ""
@@ -90,7 +87,7 @@ def _split(path, overrides):
             section[key[len(SECTION) + 1:]] = _override_value(key, item.split("=", 1)[1].strip())
         else:
             others.append(item)
-    return section, rest, others
+    return section, others
 
 
 def _override_value(key: str, raw: str):
@@ -134,28 +131,12 @@ def _check_format(fmt) -> None:
         if end.strftime(fmt) != text:
             raise ConfigError(f"Config key nightly.run_id_format {fmt!r} changes within a day; "
                               f"use date fields only (%Y, %m, %d).")
-        if not _RUN_ID_RE.fullmatch(text):
+        if not RUN_ID_RE.fullmatch(text):
             raise ConfigError(f"Config key nightly.run_id_format {fmt!r} gives run id {text!r}, which is "
                               f"not 1-128 letters, digits, '.', '_' or '-'.")
         if parse_run_day(text, fmt) != day:
             raise ConfigError(f"Config key nightly.run_id_format {fmt!r} does not encode the full date; "
                               f"include %Y, %m and %d.")
-
-
-def _load_rest(path, rest_yaml, overrides) -> RunConfig:
-    if rest_yaml is None:
-        return load_config(path, overrides)
-    # load_config reads a file: hand it the YAML without the nightly section, and put the
-    # user's file name back into any error it raises.
-    fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix="cogview-nightly-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(OmegaConf.to_yaml(rest_yaml))
-        return load_config(tmp, overrides)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace(tmp, str(path))) from None
-    finally:
-        os.unlink(tmp)
 
 
 # -- days and run ids -----------------------------------------------------------------------
