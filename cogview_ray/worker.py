@@ -180,16 +180,14 @@ class RenderWorker:
 
         from .model.pipeline import to_uint8_hwc
 
+        # no padding of a partial batch: the pipeline runs one item per forward, so the compiled
+        # graphs see the same shapes whatever the batch size
         n = len(batch)
-        padded = list(batch)
-        if self.cfg.model.compile != "none" and n < self.cfg.render.batch_size:
-            # static shapes: pad a partial batch instead of compiling a new graph
-            padded += [batch[-1]] * (self.cfg.render.batch_size - n)
         try:
             self.faults.before_batch(batch)
-            res = self.pipe.generate([r.prompt for r in padded], [r.seed for r in padded], h, w,
+            res = self.pipe.generate([r.prompt for r in batch], [r.seed for r in batch], h, w,
                                      num_inference_steps=steps, guidance_scale=guidance,
-                                     negative_prompt=[r.negative_prompt for r in padded],
+                                     negative_prompt=[r.negative_prompt for r in batch],
                                      max_sequence_length=self.cfg.render.max_sequence_length)
         except (torch.cuda.OutOfMemoryError, MemoryError):
             if torch.cuda.is_available():
