@@ -40,7 +40,6 @@ from fsspec.spec import AbstractFileSystem
 
 ENV = "COGVIEW_RAY_FAULTS"
 EXIT_CODE = 137  # what a SIGKILLed process reports, so an injected death looks like a real one
-DRIVER_POINTS = ("before_manifest", "after_manifest")
 
 
 def _spec() -> dict:

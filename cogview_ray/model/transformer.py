@@ -221,10 +221,6 @@ class CogView3PlusTransformer(nn.Module):
     def init_buffers(self, device) -> None:
         self.patch_embed.init_buffers(device)
 
-    @property
-    def max_latent_size(self) -> int:
-        return self.config.pos_embed_max_size * self.config.patch_size
-
     def forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
         n, _, hl, wl = hidden_states.shape
         p, co = self.config.patch_size, self.config.out_channels

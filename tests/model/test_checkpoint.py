@@ -123,7 +123,7 @@ def test_our_loader_loads_the_tiny_checkpoint(tiny, diffusers_pipe):
     vae_config = VAEConfig.from_dict(load_component_config(tiny / "vae"))
     state = load_safetensors_state(tiny / "vae", drop_prefixes=VAEDecoder.unused_prefixes)
     vae = build_and_load(lambda: VAEDecoder(vae_config), state, "cpu", torch.float32, "vae")
-    assert vae.downscale_factor == 8 and transformer.max_latent_size * 8 >= 512
+    assert vae.downscale_factor == 8 and transformer.config.pos_embed_max_size * 2 * 8 >= 512
     text = TextEncoder.from_folders(tiny / "text_encoder", tiny / "tokenizer", "cpu", torch.float32)
     embeds, counts = text.encode(["a red fox"])
     assert embeds.shape == (1, 224, config.text_embed_dim) and counts[0] > 1
