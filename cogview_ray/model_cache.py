@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from filelock import FileLock, Timeout
 
+from .storage import secret_values
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "COGVIEW_RAY_CACHE"  # the project's cache root; models live in its models/ folder
@@ -28,7 +30,6 @@ MARKER_FORMAT = 1
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 CHECKSUM_FILES = ("checksums.sha256", "SHA256SUMS", "sha256sums")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_SECRET_HINTS = ("key", "secret", "token", "passw", "credential", "sas", "auth", "sig")
 _CHUNK_BYTES = 8 * 1024 * 1024
 
 
@@ -146,7 +147,7 @@ def redact_url(url: str) -> str:
 def _download(url: str, options: dict, entry: Path) -> None:
     """Fetch into a temp folder next to `entry`, verify, write the marker, rename into place."""
     shown = redact_url(url)
-    secrets = _secret_values(options) | _url_secrets(url)
+    secrets = set(secret_values(options)) | _url_secrets(url)
     try:
         fs, base = fsspec.core.url_to_fs(url, **options)
         fs.invalidate_cache(base)
@@ -334,20 +335,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _secret_values(options: Any, hinted: bool = False) -> set[str]:
-    """String values under credential-like keys anywhere in `options` (4+ characters)."""
-    found: set[str] = set()
-    if isinstance(options, Mapping):
-        for k, v in options.items():
-            found |= _secret_values(v, hinted or any(h in str(k).lower() for h in _SECRET_HINTS))
-    elif isinstance(options, (list, tuple)):
-        for v in options:
-            found |= _secret_values(v, hinted)
-    elif hinted and isinstance(options, str) and len(options) >= 4:
-        found.add(options)
-    return found
 
 
 def _url_secrets(url: str) -> set[str]:

@@ -24,7 +24,7 @@ _PERMANENT_ERRNOS = {
     errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EROFS, errno.ENOTEMPTY,
 }
 # storage_options keys whose string values are credentials (matched as substrings).
-_SECRET_HINTS = ("key", "secret", "token", "password", "credential", "sas", "auth", "sig")
+_SECRET_HINTS = ("key", "secret", "token", "passw", "credential", "sas", "auth", "sig")
 _TMP_DIR = ".tmp"
 _WRITE_OPS = ("write", "upload", "create")
 
@@ -89,15 +89,15 @@ def check_relative(rel: str, *, allow_empty: bool = False) -> str:
     return rel
 
 
-def _secret_values(options: Any, hinted: bool = False) -> list[str]:
+def secret_values(options: Any, hinted: bool = False) -> list[str]:
     """String values in storage_options that sit under a credential-like key."""
     out: list[str] = []
     if isinstance(options, Mapping):
         for k, v in options.items():
-            out += _secret_values(v, hinted or any(h in str(k).lower() for h in _SECRET_HINTS))
+            out += secret_values(v, hinted or any(h in str(k).lower() for h in _SECRET_HINTS))
     elif isinstance(options, (list, tuple)):
         for v in options:
-            out += _secret_values(v, hinted)
+            out += secret_values(v, hinted)
     elif isinstance(options, str) and hinted and len(options) >= 4:
         out.append(options)
     return out
@@ -118,7 +118,7 @@ class RunStore:
             raise ValueError(f"run id {run_id!r} must be one path segment")
         check_relative(run_id)
         self._storage_options = dict(storage_options or {})
-        self._secrets = sorted(set(_secret_values(self._storage_options)), key=len, reverse=True)
+        self._secrets = sorted(set(secret_values(self._storage_options)), key=len, reverse=True)
         self.fs, base = open_filesystem(uri, self._storage_options)
         self.uri = str(uri).rstrip("/")
         self.run_id = run_id

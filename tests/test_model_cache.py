@@ -278,7 +278,7 @@ def test_pickle_only_checkpoint_is_refused(s3_bucket, s3_storage_options, tmp_pa
 
 def test_secrets_are_scrubbed_from_backend_errors():
     options = {"key": "AKIAEXAMPLE", "secret": PLANTED_SECRET, "client_kwargs": {"region_name": "us-east-1"}}
-    secrets = model_cache._secret_values(options) | model_cache._url_secrets("s3://u:pw-1234@b/x?sig=abcdef")
+    secrets = set(model_cache.secret_values(options)) | model_cache._url_secrets("s3://u:pw-1234@b/x?sig=abcdef")
     text = model_cache._describe(PermissionError(f"denied for {PLANTED_SECRET} and pw-1234"), secrets)
     assert PLANTED_SECRET not in text and "pw-1234" not in text and "denied" in text
     assert "us-east-1" not in secrets
