@@ -432,6 +432,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
+def storage_options_for(uri: str, cfg: RunConfig) -> dict:
+    """fsspec options for the dataset or a remote model: the output's when on the same protocol
+    (one set of credentials for one object store), else none (the usual environment)."""
+    def protocol(u: str) -> str:
+        return u.split("://", 1)[0] if "://" in u else "file"
+
+    return dict(cfg.output.storage_options) if protocol(uri) == protocol(cfg.output.uri) else {}
+
+
 def redacted(cfg: RunConfig) -> dict:
     """The resolved config as a plain dict, safe to save or log: secrets become '***'."""
     plain = dataclasses.asdict(cfg)

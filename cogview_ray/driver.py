@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import __version__
-from .config import RunConfig, diff_output_defining, output_defining, redacted
+from .config import RunConfig, storage_options_for, diff_output_defining, output_defining, redacted
 from .faults import FaultPlan
 from .manifest import (RowRecord, ShardResult, commit_path, commit_shard, committed_shards, read_commit,
                        read_run_info, read_success, write_manifest_part, write_run_info, write_success)
@@ -27,7 +27,6 @@ from .run_lock import LockError, RunLock
 from .shards import Shard, diff_fingerprints, plan_shards
 from .stats import RunStats
 from .storage import RunStore, StorageError, open_filesystem
-from .worker import options_for
 
 log = logging.getLogger("cogview_ray.driver")
 
@@ -96,7 +95,7 @@ class Driver:
 
     def plan(self):
         cfg = self.cfg
-        fs, _ = open_filesystem(cfg.dataset.uri, options_for(cfg.dataset.uri, None, cfg))
+        fs, _ = open_filesystem(cfg.dataset.uri, storage_options_for(cfg.dataset.uri, cfg))
         shards, fingerprint = plan_shards(cfg.dataset, fs)
         run_id = cfg.output.run_id or default_run_id(cfg, fingerprint)
         return shards, fingerprint, run_id
@@ -401,7 +400,7 @@ class Driver:
 
 
 def failed_records(cfg: RunConfig, run_id: str, shard: Shard, attempts: int, error: str) -> list[RowRecord]:
-    fs, _ = open_filesystem(cfg.dataset.uri, options_for(cfg.dataset.uri, None, cfg))
+    fs, _ = open_filesystem(cfg.dataset.uri, storage_options_for(cfg.dataset.uri, cfg))
     try:
         rows = read_shard_rows(shard, cfg.dataset, cfg.render, fs)
     except Exception:

@@ -92,9 +92,14 @@ def ensure_local_model(
         lock.release()
 
 
+def cache_root() -> Path:
+    """The project's node-local cache: `$COGVIEW_RAY_CACHE`, else ~/.cache/cogview-ray."""
+    return Path(os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT))
+
+
 def default_cache_dir() -> Path:
-    """`$COGVIEW_RAY_CACHE/models`, else ~/.cache/cogview-ray/models."""
-    return Path(os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT)) / "models"
+    """Where downloaded models live: `models/` under the cache root."""
+    return cache_root() / "models"
 
 
 def cache_entry_name(url: str, storage_options: Mapping[str, Any] | None = None) -> str:

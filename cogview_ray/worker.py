@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-from .config import RunConfig
+from .config import RunConfig, storage_options_for
 from .faults import FaultPlan
 from .manifest import RowRecord, ShardResult
 from .model.loading import CheckpointError
@@ -26,10 +26,6 @@ from .storage import RunStore, open_filesystem
 CLAIMS_DIR = "ids"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("COGVIEW_RAY_CACHE") or Path.home() / ".cache" / "cogview-ray")
-
-
 def resolve_model_path(model_path: str, storage_options: Optional[dict] = None) -> str:
     """A local checkpoint folder for `model.path`: `preset:NAME` (written once per node), a URL
     (downloaded once per node into the cache) or a local folder (used as is)."""
@@ -37,6 +33,7 @@ def resolve_model_path(model_path: str, storage_options: Optional[dict] = None) 
         from filelock import FileLock
 
         from .model.checkpoint import make_checkpoint
+        from .model_cache import cache_root
 
         name = model_path.split(":", 1)[1]
         target = cache_root() / "checkpoints" / f"{name}-seed0"
@@ -45,15 +42,9 @@ def resolve_model_path(model_path: str, storage_options: Optional[dict] = None) 
         with FileLock(str(target) + ".lock"):
             if not done.exists():
                 tmp = target.with_name(target.name + ".partial")
-                if tmp.exists():
-                    import shutil
-
-                    shutil.rmtree(tmp)
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
                 make_checkpoint(name, tmp, seed=0)
-                if target.exists():
-                    import shutil
-
-                    shutil.rmtree(target)
+                shutil.rmtree(target, ignore_errors=True)
                 tmp.rename(target)
                 done.write_text("ok\n")
         return str(target)
@@ -62,16 +53,6 @@ def resolve_model_path(model_path: str, storage_options: Optional[dict] = None) 
 
         return ensure_local_model(model_path, storage_options=storage_options)
     return model_path
-
-
-def options_for(uri: str, own: Optional[dict], cfg: RunConfig) -> dict:
-    """Storage options for a dataset or model URI: its own, else the output's on the same protocol."""
-    if own:
-        return dict(own)
-    proto = uri.split("://", 1)[0] if "://" in uri else "file"
-    out = cfg.output.uri
-    out_proto = out.split("://", 1)[0] if "://" in out else "file"
-    return dict(cfg.output.storage_options) if proto == out_proto else {}
 
 
 @dataclass
@@ -101,7 +82,7 @@ class RenderWorker:
         self.faults.trace("init", worker_id=worker_id)
         threads = max(1, int(cfg.workers.cpus_per_worker))
         torch.set_num_threads(threads)
-        local = resolve_model_path(cfg.model.path, options_for(cfg.model.path, None, cfg))
+        local = resolve_model_path(cfg.model.path, storage_options_for(cfg.model.path, cfg))
         try:
             self.pipe = CogView3PlusPipeline.from_pretrained(
                 local, device=cfg.model.device, dtype=cfg.model.dtype, compile=cfg.model.compile)
@@ -122,7 +103,7 @@ class RenderWorker:
         dev = self.pipe.device
         self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         self.store = RunStore(cfg.output.uri, run_id, cfg.output.storage_options)
-        self.fs, _ = open_filesystem(cfg.dataset.uri, options_for(cfg.dataset.uri, None, cfg))
+        self.fs, _ = open_filesystem(cfg.dataset.uri, storage_options_for(cfg.dataset.uri, cfg))
         self.faults.trace("ready", worker_id=worker_id)
 
     def info(self) -> dict:

@@ -75,3 +75,14 @@ def tiny_checkpoint(tmp_path_factory):
     from cogview_ray.model.checkpoint import make_checkpoint
 
     return str(make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request, tmp_path):
+    """A RunStore for run `run1`, once on a local folder and once on moto S3."""
+    from cogview_ray.storage import RunStore
+
+    if request.param == "local":
+        return RunStore(str(tmp_path / "out"), "run1")
+    bucket = request.getfixturevalue("s3_bucket")
+    return RunStore(f"s3://{bucket}/out", "run1", request.getfixturevalue("s3_storage_options"))

@@ -35,14 +35,6 @@ def make_records(shard_id, n=4, start=0, file="prompts.parquet"):
     return records
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def store(request, tmp_path):
-    if request.param == "local":
-        return RunStore(str(tmp_path / "out"), "run1")
-    bucket = request.getfixturevalue("s3_bucket")
-    return RunStore(f"s3://{bucket}/out", "run1", request.getfixturevalue("s3_storage_options"))
-
-
 def test_schema_matches_record_fields():
     assert mf.MANIFEST_SCHEMA.names == [f.name for f in dataclasses.fields(RowRecord)]
     assert str(mf.MANIFEST_SCHEMA.field("seed").type) == "int64"

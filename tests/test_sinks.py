@@ -45,14 +45,6 @@ def container_path(fmt):
     return {"files": None, "webdataset": "shards/00007.tar", "parquet": "shards/00007.parquet"}[fmt]
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def store(request, tmp_path):
-    if request.param == "local":
-        return RunStore(str(tmp_path / "out"), "run1")
-    bucket = request.getfixturevalue("s3_bucket")
-    return RunStore(f"s3://{bucket}/out", "run1", request.getfixturevalue("s3_storage_options"))
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_keys_read_back(store, fmt):
     items = samples()
