@@ -91,8 +91,7 @@ class CogView3PlusPipeline:
         root = Path(path)
         device = resolve_device(device)
         dtype = loading.resolve_dtype(dtype or "auto", device)
-        index = loading.read_model_index(root)
-        del index  # read for its checks: every component folder is present
+        loading.read_model_index(root)  # checks that every component folder is present
         t_cfg = TransformerConfig.from_dict(loading.load_component_config(root / "transformer"))
         transformer = loading.build_and_load(
             lambda: CogView3PlusTransformer(t_cfg), loading.load_safetensors_state(root / "transformer"),
