@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogview_ray.model.checkpoint import make_checkpoint  # noqa: E402
-from cogview_ray.model.pipeline import CogView3PlusPipeline, resolve_device  # noqa: E402
+from cogview_ray.model import load_pipeline, resolve_device  # noqa: E402
 
 # dense bf16 / fp32 peak TFLOP/s by device-name fragment (vendor datasheets)
 PEAK_TFLOPS = {"H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6)}
@@ -32,8 +32,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_flops(pipe: CogView3PlusPipeline, height: int, width: int, guidance: float, steps: int) -> float:
-    """FLOPs for one image: transformer forwards (x2 with CFG) x steps + one VAE decode."""
+def count_flops(pipe, height: int, width: int, guidance: float, steps: int) -> float:
+    """FLOPs for one image: transformer forwards (x2 with CFG) x steps + one VAE decode.
+
+    Calls the CogView3-Plus transformer and VAE directly (eager, whatever the compile mode).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     f = pipe.vae.downscale_factor
@@ -41,7 +44,7 @@ def count_flops(pipe: CogView3PlusPipeline, height: int, width: int, guidance: f
     rows = 2 if guidance > 1 else 1
     dev, dt = pipe.device, pipe.dtype
     x = torch.zeros(rows, c.in_channels, height // f, width // f, device=dev, dtype=dt)
-    text = torch.zeros(rows, 224, c.text_embed_dim, device=dev, dtype=dt)
+    text = torch.zeros(rows, pipe.max_sequence_length, c.text_embed_dim, device=dev, dtype=dt)
     t = torch.full((rows,), 999, device=dev, dtype=torch.int64)
     size = torch.tensor([[height, width]] * rows, device=dev, dtype=dt)
     with torch.inference_mode():
@@ -66,11 +69,11 @@ def time_ours(pipe, args, prompts, seeds) -> float:
     return (time.perf_counter() - t0) / len(prompts)
 
 
-def time_reference(ref, args, prompts, seeds, device) -> float:
+def time_reference(ref, args, prompts, seeds, device, max_len: int) -> float:
     def call(p, s):
         gens = [torch.Generator("cpu").manual_seed(x) for x in s]
         ref(prompt=p, height=args.height, width=args.width, num_inference_steps=args.steps,
-            guidance_scale=args.guidance, generator=gens, output_type="pt")
+            guidance_scale=args.guidance, generator=gens, output_type="pt", max_sequence_length=max_len)
 
     call(prompts[:1], seeds[:1])
     _sync(device)
@@ -99,23 +102,26 @@ def bench_model(args) -> dict:
         results["device_name"] = torch.cuda.get_device_name(device)
     flops = None
     for mode in modes:
-        pipe = CogView3PlusPipeline.from_pretrained(ckpt, device=device, dtype=dtype_name, compile=mode)
+        pipe = load_pipeline(ckpt, device=device, dtype=dtype_name, compile=mode)
         if flops is None:
             flops = count_flops(pipe, args.height, args.width, args.guidance, args.steps)
         t0 = time.perf_counter()
         ours = time_ours(pipe, args, prompts, seeds)
         row = {"variant": f"ours[{mode}]", "s_per_image": ours, "wall_incl_warmup_s": time.perf_counter() - t0}
         results["rows"].append(row)
+        family, max_len = pipe.identity["family"], pipe.max_sequence_length
         del pipe
         if not args.skip_reference:
-            from diffusers import CogView3PlusPipeline as Reference
+            import diffusers
 
+            # the reference class of the same name as the checkpoint's model_index `_class_name`
+            Reference = getattr(diffusers, family)
             ref = Reference.from_pretrained(ckpt, torch_dtype=dtype).to(device)
             ref.set_progress_bar_config(disable=True)
             if mode != "none":
                 ref.transformer = torch.compile(ref.transformer)
                 ref.vae.decode = torch.compile(ref.vae.decode)
-            theirs = time_reference(ref, args, prompts, seeds, device)
+            theirs = time_reference(ref, args, prompts, seeds, device, max_len)
             results["rows"].append({"variant": f"diffusers[{mode}]", "s_per_image": theirs})
             row["speedup_vs_diffusers"] = theirs / ours
             del ref

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
-from cogview_ray.model.transformer import CogView3PlusTransformer, TransformerConfig
+from cogview_ray.model.cogview3plus.transformer import CogView3PlusTransformer, TransformerConfig
 from cogview_ray.model.vae import VAEConfig, VAEDecoder
 
 DIFFUSERS_VERSION = "0.31.0.dev0"  # what the Hub checkpoint was written with

@@ -1,4 +1,5 @@
-"""Reading a CogView3-Plus checkpoint folder: model index, component configs, safetensors weights.
+"""Reading a diffusers checkpoint folder (model index, component configs, safetensors weights),
+and the device and dtype rules every model family loads with.
 
 Modules are built on the meta device and take the loaded tensors with `assign=True`, so a
 component costs one copy of its weights in memory. Pickle weights are never opened.
@@ -6,16 +7,15 @@ component costs one copy of its weights in memory. Pickle weights are never open
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-PIPELINE_CLASS = "CogView3PlusPipeline"
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 # Preferred file stems when a folder holds more than one candidate (diffusers, then transformers).
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
@@ -49,22 +49,39 @@ def config_fields(cls, d: dict, source: str, ignored: Iterable[str] = ()) -> dic
     return {k: v for k, v in d.items() if k in names}
 
 
-def read_model_index(path: str | Path) -> dict:
-    """Parse `model_index.json` of a checkpoint root and check every component folder exists."""
+def read_model_index(path: str | Path, class_name: Optional[str] = None, components: Iterable[str] = ()) -> dict:
+    """Parse `model_index.json` of a checkpoint root.
+
+    A family passes its `class_name` (a different `_class_name` is refused; a missing one is
+    accepted) and the `components` it needs, each of which must be listed and have a folder.
+    """
     root = Path(path)
     index_path = root / "model_index.json"
     if not index_path.is_file():
-        raise CheckpointError(f"{root} is not a CogView3-Plus checkpoint folder: it has no model_index.json.")
+        raise CheckpointError(f"{root} is not a diffusers checkpoint folder: it has no model_index.json.")
     index = _read_json(index_path)
-    class_name = index.get("_class_name")
-    if class_name is not None and class_name != PIPELINE_CLASS:
-        raise CheckpointError(f"{index_path} is for {class_name}, not {PIPELINE_CLASS}.")
-    for name in COMPONENTS:
+    found = index.get("_class_name")
+    if class_name is not None and found is not None and found != class_name:
+        raise CheckpointError(f"{index_path} is for {found}, not {class_name}.")
+    for name in components:
         if not index.get(name):
-            raise CheckpointError(f"{index_path} lists no '{name}' component, which CogView3-Plus needs.")
+            raise CheckpointError(f"{index_path} lists no '{name}' component, which {class_name} needs.")
         if not (root / name).is_dir():
             raise CheckpointError(f"Checkpoint {root} has no '{name}' folder although model_index.json lists it.")
     return index
+
+
+def config_hash(path: str | Path) -> str:
+    """sha256 over the checkpoint's model_index.json and component configs: its architecture identity."""
+    root = Path(path)
+    h = hashlib.sha256()
+    names = ["model_index.json", "transformer/config.json", "vae/config.json",
+             "text_encoder/config.json", "scheduler/scheduler_config.json"]
+    for name in names:
+        f = root / name
+        if f.exists():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def load_component_config(folder: str | Path) -> dict:
@@ -193,6 +210,16 @@ def build_and_load(
 def _few(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(f"'{k}'" for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """"auto" or None is CUDA when available, else the CPU; an unavailable CUDA is refused."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available on this machine")
+    return device
 
 
 def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.dtype:

@@ -9,6 +9,7 @@ from transformers import T5EncoderModel, T5Tokenizer
 from cogview_ray.model.loading import CheckpointError, check_weights_format
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+NO_LIMIT = 1_000_000_000
 
 
 class TextEncoder:
@@ -53,6 +54,13 @@ class TextEncoder:
     @property
     def hidden_size(self) -> int:
         return self.model.config.d_model
+
+    @property
+    def model_max_length(self) -> int | None:
+        """The tokenizer's declared token limit, or None where it declares none."""
+        n = self.tokenizer.model_max_length
+        # transformers marks "no limit" with a huge sentinel (1e30)
+        return int(n) if isinstance(n, int) and 0 < n < NO_LIMIT else None
 
     def tokenize(self, prompts: list[str], max_sequence_length: int = 224) -> tuple[torch.Tensor, list[int]]:
         """Ids [B, max_sequence_length] (EOS appended, padded with 0) and the untruncated token counts."""

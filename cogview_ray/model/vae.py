@@ -5,7 +5,7 @@ decoder part of the official state dict loads with strict=True.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -51,9 +51,6 @@ class VAEConfig:
         if bad:
             raise ValueError(f"vae/config.json up_block_types {bad} are not supported (only UpDecoderBlock2D)")
         return cfg
-
-    def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(self) for v in [getattr(self, f.name)]}
 
 
 class ResnetBlock(nn.Module):

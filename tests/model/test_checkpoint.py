@@ -15,6 +15,8 @@ from cogview_ray.model.checkpoint import (
     write_safetensors,
     write_transformer,
 )
+from cogview_ray.model.cogview3plus import CogView3PlusPipeline
+from cogview_ray.model.cogview3plus.transformer import CogView3PlusTransformer, TransformerConfig
 from cogview_ray.model.loading import (
     build_and_load,
     load_component_config,
@@ -22,7 +24,6 @@ from cogview_ray.model.loading import (
     read_model_index,
 )
 from cogview_ray.model.text_encoder import TextEncoder
-from cogview_ray.model.transformer import CogView3PlusTransformer, TransformerConfig
 from cogview_ray.model.vae import VAEConfig, VAEDecoder
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,7 +69,7 @@ def test_tiny_layout_matches_the_official_one(tiny):
         "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogView3PlusTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    assert read_model_index(tiny) == index
+    assert read_model_index(tiny, CogView3PlusPipeline.class_name, CogView3PlusPipeline.components) == index
     scheduler = load_component_config(tiny / "scheduler")
     assert scheduler["prediction_type"] == "v_prediction" and scheduler["timestep_spacing"] == "trailing"
     assert scheduler["rescale_betas_zero_snr"] is True and scheduler["snr_shift_scale"] == 4.0

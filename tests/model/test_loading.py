@@ -6,6 +6,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from cogview_ray.model.cogview3plus import CogView3PlusPipeline
+from cogview_ray.model.cogview3plus.transformer import CogView3PlusTransformer, TransformerConfig
 from cogview_ray.model.loading import (
     CheckpointError,
     build_and_load,
@@ -15,7 +17,6 @@ from cogview_ray.model.loading import (
     read_model_index,
     resolve_dtype,
 )
-from cogview_ray.model.transformer import CogView3PlusTransformer, TransformerConfig
 from cogview_ray.model.vae import VAEConfig, VAEDecoder
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.timeout(120)
 TINY_TRANSFORMER = dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=2,
                         out_channels=4, text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8,
                         sample_size=8)
+# what CogView3-Plus asks read_model_index to check
+FAMILY = (CogView3PlusPipeline.class_name, CogView3PlusPipeline.components)
 SHIPPED_VAE_FLAGS = dict(use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
                          scaling_factor=1.0)
 
@@ -245,28 +248,28 @@ def _write_index(root, **changes):
 
 def test_read_model_index_accepts_complete_folder(tmp_path):
     index = _write_index(tmp_path)
-    assert read_model_index(tmp_path) == index
+    assert read_model_index(tmp_path, *FAMILY) == index
 
 
 def test_missing_component_is_named(tmp_path):
     _write_index(tmp_path, vae=None)
     with pytest.raises(CheckpointError, match="lists no 'vae' component"):
-        read_model_index(tmp_path)
+        read_model_index(tmp_path, *FAMILY)
     _write_index(tmp_path)
     (tmp_path / "scheduler").rmdir()
     with pytest.raises(CheckpointError, match="no 'scheduler' folder"):
-        read_model_index(tmp_path)
+        read_model_index(tmp_path, *FAMILY)
 
 
 def test_not_a_checkpoint_or_wrong_pipeline_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no model_index.json"):
-        read_model_index(tmp_path)
+        read_model_index(tmp_path, *FAMILY)
     _write_index(tmp_path, _class_name="CogView4Pipeline")
     with pytest.raises(CheckpointError, match="CogView4Pipeline"):
-        read_model_index(tmp_path)
+        read_model_index(tmp_path, *FAMILY)
     (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        read_model_index(tmp_path)
+        read_model_index(tmp_path, *FAMILY)
 
 
 def test_load_component_config_reads_model_and_scheduler_configs(tmp_path, transformer_dir):

@@ -8,7 +8,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900),
 
 @pytest.fixture(scope="module")
 def pipes(tiny_checkpoint):
-    from cogview_ray.model.pipeline import CogView3PlusPipeline
+    from cogview_ray.model.cogview3plus import CogView3PlusPipeline
 
     eager = CogView3PlusPipeline.from_pretrained(tiny_checkpoint, device="cuda")
     compiled = CogView3PlusPipeline.from_pretrained(tiny_checkpoint, device="cuda", compile="default")
@@ -20,7 +20,10 @@ def test_default_dtype_on_cuda_is_bf16(pipes):
 
 
 def test_noise_is_drawn_on_cpu(pipes):
-    noise = pipes[0]._noise([5], 64, 64)
+    from cogview_ray.model.cogview3plus.sampling import get_noise
+
+    pipe = pipes[0]
+    noise = get_noise([5], pipe.latent_shape(64, 64), pipe.dtype, pipe.device)
     expected = torch.randn((16, 8, 8), generator=torch.Generator("cpu").manual_seed(5), dtype=torch.bfloat16)
     assert noise.device.type == "cuda" and torch.equal(noise[0].cpu(), expected)
 

@@ -7,13 +7,13 @@ values, so it compiles with `torch.compile(fullgraph=True)`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loading import config_fields
+from ..loading import config_fields
 
 # Keys diffusers writes into config.json that do not shape the network.
 _IGNORED_CONFIG_KEYS = {"pooled_projection_dim"}
@@ -40,9 +40,6 @@ class TransformerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
         return cls(**config_fields(cls, d, "transformer/config.json", _IGNORED_CONFIG_KEYS))
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def sincos_table(dim: int, grid: int) -> torch.Tensor:
@@ -192,8 +189,6 @@ class TransformerBlock(nn.Module):
         ff = self.ff(torch.cat([_modulate(c, c_sh_mlp, c_sc_mlp), _modulate(x, sh_mlp, sc_mlp)], dim=1))
         x = x + g_mlp * ff[:, lt:]
         c = c + c_g_mlp * ff[:, :lt]
-        if x.dtype == torch.float16:
-            x, c = x.clip(-65504, 65504), c.clip(-65504, 65504)
         return x, c
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cogview_ray.model.transformer import CogView3PlusTransformer, TransformerConfig
+from cogview_ray.model.cogview3plus.transformer import CogView3PlusTransformer, TransformerConfig
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,7 +78,7 @@ def test_forward_matches_reference_bf16():
 
 
 def test_pos_table_layout():
-    from cogview_ray.model.transformer import sincos_table
+    from cogview_ray.model.cogview3plus.transformer import sincos_table
 
     t = sincos_table(16, 4)  # quarter = 4
     # row 0, column 3: column half is sin/cos(3 * w), row half is sin/cos(0) = 0/1

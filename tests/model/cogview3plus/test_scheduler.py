@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cogview_ray.model import scheduler as S
+from cogview_ray.model.cogview3plus import scheduler as S
 
 pytestmark = pytest.mark.timeout(120)
 

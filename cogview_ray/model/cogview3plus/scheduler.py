@@ -5,13 +5,13 @@ promotion rounds the same intermediate products to the latent dtype and results 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .loading import config_fields
+from ..loading import config_fields
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,6 @@ class SchedulerConfig:
         if cfg.trained_betas is not None or cfg.clip_sample:
             raise ValueError("scheduler_config.json trained_betas / clip_sample are not supported")
         return cfg
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cogview_ray.model.pipeline import CogView3PlusPipeline
+from cogview_ray.model.cogview3plus import CogView3PlusPipeline
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from cogview_ray.model.pipeline import CogView3PlusPipeline, to_uint8_hwc
+from cogview_ray.model import to_uint8_hwc
+from cogview_ray.model.cogview3plus import CogView3PlusPipeline
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -1,0 +1,150 @@
+"""CogView3-Plus text-to-image pipeline: load, compile, warm up, generate (a `Pipeline` family).
+
+The sampling math lives in `sampling.py` as plain functions; this class owns the loaded
+models, the compiled callables and the size and token limits.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .. import loading
+from ..family import COMPILE_MODES, GenerateResult
+from ..text_encoder import TextEncoder
+from ..vae import VAEConfig, VAEDecoder
+from .sampling import decode, denoise, encode_negative, encode_prompts, get_noise
+from .scheduler import SchedulerConfig
+from .transformer import CogView3PlusTransformer, TransformerConfig
+
+# the reference pipeline's default, used where the tokenizer declares no model_max_length
+DEFAULT_MAX_SEQUENCE_LENGTH = 224
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CogView3PlusPipeline:
+    class_name = "CogView3PlusPipeline"  # model_index.json `_class_name`
+    components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+    def __init__(self, transformer: CogView3PlusTransformer, vae: VAEDecoder, text_encoder: TextEncoder,
+                 scheduler_config: SchedulerConfig, device: torch.device, dtype: torch.dtype,
+                 path: str = "", compile: str = "none"):
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.scheduler_config = scheduler_config
+        self.device, self.dtype = device, dtype
+        self.identity = {"family": self.class_name, "path": str(path),
+                         "config_hash": loading.config_hash(path) if path else ""}
+        self._denoise = transformer
+        self._decode = vae
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if compile != "none":
+            mode = None if compile == "default" else compile
+            # one graph per (height, width, text length): datasets with per-row sizes need more
+            # than dynamo's default of 8 before it would fall back to eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # static shapes: every forward is one item, so no batch size ever recompiles
+            self._denoise = torch.compile(transformer, fullgraph=True, dynamic=False, mode=mode)
+            self._decode = torch.compile(vae, fullgraph=True, dynamic=False, mode=mode)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], device=None, dtype=None, compile: str = "none"):
+        root = Path(path)
+        device = loading.resolve_device(device)
+        dtype = loading.resolve_dtype(dtype or "auto", device)
+        loading.read_model_index(root, cls.class_name, cls.components)  # every component folder is present
+        t_cfg = TransformerConfig.from_dict(loading.load_component_config(root / "transformer"))
+        transformer = loading.build_and_load(
+            lambda: CogView3PlusTransformer(t_cfg), loading.load_safetensors_state(root / "transformer"),
+            device, dtype, "transformer")
+        v_cfg = VAEConfig.from_dict(loading.load_component_config(root / "vae"))
+        vae = loading.build_and_load(
+            lambda: VAEDecoder(v_cfg),
+            loading.load_safetensors_state(root / "vae", drop_prefixes=VAEDecoder.unused_prefixes),
+            device, dtype, "vae")
+        text_encoder = TextEncoder.from_folders(root / "text_encoder", root / "tokenizer", device, dtype)
+        s_cfg = SchedulerConfig.from_dict(loading.load_component_config(root / "scheduler"))
+        if text_encoder.hidden_size != t_cfg.text_embed_dim:
+            raise loading.CheckpointError(
+                f"text_encoder width {text_encoder.hidden_size} does not match transformer text_embed_dim "
+                f"{t_cfg.text_embed_dim} in {root}")
+        return cls(transformer.eval(), vae.eval(), text_encoder, s_cfg, device, dtype, str(path), compile)
+
+    # -- limits ------------------------------------------------------------------------------
+
+    @property
+    def size_multiple(self) -> int:
+        return self.transformer.config.patch_size * self.vae.downscale_factor
+
+    @property
+    def max_size_px(self) -> int:
+        return self.transformer.config.pos_embed_max_size * self.size_multiple
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.text_encoder.model_max_length or DEFAULT_MAX_SEQUENCE_LENGTH
+
+    def validate_size(self, height: int, width: int) -> None:
+        m, top = self.size_multiple, self.max_size_px
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % m or v > top:
+                raise ValueError(f"{name} {v} must be a positive multiple of {m} and at most {top} px")
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae.downscale_factor
+        return (self.transformer.config.in_channels, height // f, width // f)
+
+    # -- generation --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], height: int, width: int,
+                 num_inference_steps: int = 50, guidance_scale: float = 5.0, negative_prompt=None,
+                 max_sequence_length: Optional[int] = None) -> GenerateResult:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        self.validate_size(height, width)
+        max_len = self.max_sequence_length if max_sequence_length is None else max_sequence_length
+        n, dev = len(prompts), self.device
+        timings = {}
+
+        t0 = time.perf_counter()
+        cond, counts = encode_prompts(self.text_encoder, prompts, max_len)
+        use_cfg = guidance_scale > 1.0
+        if use_cfg:
+            neg = encode_negative(self.text_encoder, negative_prompt, cond, max_len)
+            texts = [torch.stack([neg[i], cond[i]]) for i in range(n)]  # [2, L, D]: uncond, cond
+        else:
+            texts = [cond[i:i + 1] for i in range(n)]
+        _sync(dev)
+        timings["text_encoding"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        latents = get_noise(seeds, self.latent_shape(height, width), self.dtype, dev)
+        latents = denoise(self._denoise, latents, texts, self.scheduler_config, num_inference_steps,
+                          guidance_scale, height, width)
+        _sync(dev)
+        timings["denoising"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        images, finite = decode(self._decode, latents)
+        timings["decoding"] = time.perf_counter() - t0
+        return GenerateResult(images, timings, [c > max_len for c in counts], finite)
+
+    def warmup(self, height: int, width: int, batch_size: int = 1, num_inference_steps: int = 2,
+               guidance_scale: float = 5.0, max_sequence_length: Optional[int] = None) -> float:
+        """Run one small generation (compiles when compiling); returns seconds spent."""
+        t0 = time.perf_counter()
+        self.generate(["warm-up"] * batch_size, list(range(batch_size)), height, width,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      max_sequence_length=max_sequence_length)
+        return time.perf_counter() - t0
