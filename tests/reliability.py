@@ -26,10 +26,10 @@ from PIL import Image
 
 from cogview_ray.config import load_config
 from cogview_ray.driver import run_render
-from cogview_ray.faults import ENV
 from cogview_ray.manifest import read_manifest, read_success
 from cogview_ray.sinks import read_output
 from cogview_ray.storage import RunStore
+from cogview_ray.testing import ENV
 from cogview_ray.verify import verify_run
 
 _CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache"

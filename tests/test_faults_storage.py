@@ -2,7 +2,7 @@
 timeouts on reads and writes in the driver and every worker are retried and the run completes;
 a persistent failure stops the run with one clear sentence, and a later resume finishes.
 
-Output goes to `faulty://` (cogview_ray.faults.FaultyFileSystem): a local folder with
+Output goes to `faulty://` (cogview_ray.testing.FaultyFileSystem): a local folder with
 object-store semantics whose failures are configured through COGVIEW_RAY_FAULTS, so they reach
 every process (fsspec filesystems are instantiated per process)."""
 import io
@@ -14,14 +14,14 @@ import pytest
 pytest.register_assert_rewrite("tests.reliability")
 
 from cogview_ray.cli import main as cli_main  # noqa: E402
-from cogview_ray.faults import ENV, FaultyFileSystem  # noqa: E402
 from cogview_ray.storage import RunStore  # noqa: E402
+from cogview_ray.testing import ENV, FaultSpecError, FaultyFileSystem  # noqa: E402
 from tests.reliability import (  # noqa: E402, F401 (tally is a fixture)
     check_invariants, check_rerun_renders_nothing, check_resources_released, make_cfg, overrides, read_trace,
     set_faults, tally, write_prompts)
 
 pytest_plugins = ["tests.reliability"]
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240)]
 
 
 def test_faulty_filesystem_fails_as_configured(tmp_path, monkeypatch):
@@ -44,6 +44,20 @@ def test_faulty_filesystem_fails_as_configured(tmp_path, monkeypatch):
         fs.cat_file(target)  # the 2nd read: throttled
 
 
+@pytest.mark.parametrize("storage, message", [
+    ({"evry": 2}, "storage has unknown key 'evry'"),
+    ({"every": 2, "ops": ["write", "rename"]}, "'ops' has 'rename'"),
+    ({"persistent_after": "2"}, "'persistent_after' must be an integer"),
+])
+def test_faulty_filesystem_refuses_a_malformed_storage_entry(tmp_path, monkeypatch, storage, message):
+    # a typo must not leave the filesystem silently fault-free
+    set_faults(monkeypatch, tmp_path, storage=storage)
+    with pytest.raises(FaultSpecError, match=message):
+        FaultyFileSystem().pipe_file(f"faulty://{tmp_path}/x/obj", b"v")
+    assert not (tmp_path / "x" / "obj").exists()
+
+
+@pytest.mark.ray
 def test_transient_storage_errors_are_retried_and_the_run_completes(ray_cluster, tiny_checkpoint, tmp_path,
                                                                    monkeypatch, tally):
     data = write_prompts(tmp_path / "prompts.parquet", n=12)
@@ -68,6 +82,7 @@ def test_transient_storage_errors_are_retried_and_the_run_completes(ray_cluster,
     check_rerun_renders_nothing(tally, cfg, store)
 
 
+@pytest.mark.ray
 def test_persistent_storage_failure_stops_clearly_and_a_resume_finishes(ray_cluster, tiny_checkpoint, tmp_path,
                                                                         monkeypatch, capsys, tally):
     data = write_prompts(tmp_path / "prompts.parquet", n=16)  # 4 shards
