@@ -20,7 +20,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from . import layout
+from .errors import UserError
 from . import manifest as mf
+from .records import count_reasons
 from .sinks import iter_container, split_locator
 from .storage import RunStore
 
@@ -36,7 +39,7 @@ FILES = {"contact_sheet": "contact_sheet.png", "stage_times": "stage_times.png",
 _THREADS = 8
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError):
     """The report cannot be made; the message says why in one sentence."""
 
 
@@ -49,6 +52,7 @@ class ReportData:
     run_info: Optional[dict]
     success: Optional[dict]
     totals: dict = field(default_factory=dict)
+    reasons: dict = field(default_factory=dict)  # rows per reason code, as _SUCCESS.json and verify count
 
     @property
     def complete(self) -> bool:
@@ -70,7 +74,7 @@ def collect(store: RunStore) -> ReportData:
     run_info = mf.read_run_info(store)
     shards = sorted(mf.committed_shards(store))
     if run_info is None and not shards:
-        raise ReportError(f"{store.url()} holds no run (no _run.json and no committed shards).")
+        raise ReportError(f"{store.url()} holds no run (no {layout.RUN_INFO} and no committed shards).")
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
         commits = list(pool.map(lambda s: mf.read_commit(store, s), shards))
     commits.sort(key=lambda c: (c.get("committed_at") or 0.0, c["shard_id"]))
@@ -80,7 +84,8 @@ def collect(store: RunStore) -> ReportData:
     totals = {"rows": table.num_rows, "ok": statuses["ok"], "failed": statuses["failed"],
               "rejected": statuses["rejected"], "shards_committed": len(shards),
               "failed_shards": sum(1 for c in commits if c.get("status") == "failed")}
-    return ReportData(store.url(), store.run_id, rows, commits, run_info, mf.read_success(store), totals)
+    return ReportData(store.url(), store.run_id, rows, commits, run_info, mf.read_success(store), totals,
+                      count_reasons(rows["reason"]))
 
 
 # -- what the charts show -------------------------------------------------------------------
@@ -274,7 +279,7 @@ def _prompts(store: RunStore, sample: list[dict]) -> dict:
     """Prompts of sampled rows, read from their shards' manifest parts only."""
     out = {}
     for shard in sorted({s["shard_id"] for s in sample}):
-        t = pq.read_table(io.BytesIO(store.read(mf.manifest_part_path(shard))), columns=["id", "prompt"])
+        t = pq.read_table(io.BytesIO(store.read(layout.manifest_part(shard))), columns=["id", "prompt"])
         out.update(zip(t.column("id").to_pylist(), t.column("prompt").to_pylist()))
     return out
 
@@ -294,7 +299,7 @@ def write_html(data: ReportData, store: RunStore, sample: list[dict], values: di
                series: dict, path: str) -> None:
     e = html.escape
     t = data.totals
-    status = "complete (_SUCCESS.json)" if data.complete else "not complete (no _SUCCESS.json)"
+    status = f"complete ({layout.SUCCESS})" if data.complete else f"not complete (no {layout.SUCCESS})"
     cfg = (data.run_info or {}).get("config", {})
     render = cfg.get("render", {})
     model = cfg.get("model", {})
@@ -304,7 +309,7 @@ def write_html(data: ReportData, store: RunStore, sample: list[dict], values: di
                 "render.num_inference_steps": render.get("num_inference_steps"),
                 "render.guidance_scale": render.get("guidance_scale"), "render.seed": render.get("seed"),
                 "output.format": output.get("format"), "output.image_format": output.get("image_format")}
-    reasons = Counter(r for r, s in zip(data.rows["reason"], data.rows["status"]) if s != "ok" and r)
+    reasons = Counter(data.reasons)
     prompts = _prompts(store, sample)
     span = series["edges_s"][-1] if series["edges_s"] else 0.0
     rate = t["ok"] / span if span > 0 else float("nan")
@@ -322,7 +327,7 @@ def write_html(data: ReportData, store: RunStore, sample: list[dict], values: di
         f"<tr><th>images/s (first start to last commit)</th><td id='total-rate'>{rate:.3g}</td></tr></table>",
     ]
     if reasons:
-        parts.append("<h2>Reasons (failed and rejected rows)</h2><table>")
+        parts.append("<h2>Reason codes (failed and rejected rows; ok rows with a note)</h2><table>")
         parts += [f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in reasons.most_common()]
         parts.append("</table>")
     parts.append("<h2>Settings</h2><table>")
@@ -381,6 +386,6 @@ def build_report(run_uri: str, out_dir: Optional[str] = None,
     page = os.path.join(out_dir, "report.html")
     write_html(data, store, sample, values, busy, series, page)
     with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump({"run": data.run_url, "complete": data.complete, "totals": data.totals,
+        json.dump({"run": data.run_url, "complete": data.complete, "totals": data.totals, "reasons": data.reasons,
                    "throughput": series, "workers": busy}, f, indent=2, sort_keys=True)
     return ReportResult(out_dir, page, pngs, data, sample)

@@ -5,6 +5,8 @@ import random
 import time
 from collections import Counter
 
+from cogview_ray.records import count_reasons
+
 STAGES = ("queue_s", "text_encoding_s", "denoising_s", "decoding_s", "image_encoding_s", "writing_s")
 
 
@@ -41,24 +43,22 @@ class RunStats:
         self.counts = Counter()
         self.reasons = Counter()
         self.stages = {s: Reservoir(seed=i) for i, s in enumerate(STAGES)}
-        self.failed_shards = []
         self.events = Counter()  # workers_lost, workers_replaced, shard_timeouts, shard_attempts_failed
 
     def note(self, event: str, n: int = 1) -> None:
         self.events[event] += n
 
     def add(self, records, failed_shard=None) -> None:
+        """Count committed records. `failed_shard` is ignored (failed shards are read back from
+        their commit markers); it goes once the driver stops passing it."""
+        self.reasons.update(count_reasons(r.reason for r in records))
         for r in records:
-            self.counts[r.status] += 1
-            if r.reason:
-                self.reasons[r.reason.split(":", 1)[0]] += 1
+            self.counts[str(r.status)] += 1
             if r.status == "ok":
                 for s in STAGES:
                     v = getattr(r, s)
                     if v is not None:
                         self.stages[s].add(float(v))
-        if failed_shard:
-            self.failed_shards.append(failed_shard)
 
     def summary(self) -> dict:
         wall = max(time.time() - self.started, 1e-9)

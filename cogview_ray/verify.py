@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -13,7 +13,9 @@ from typing import Any, Mapping
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cogview_ray import layout
 from cogview_ray import manifest as mf
+from cogview_ray.records import count_reasons
 from cogview_ray.sinks import iter_container, split_locator
 from cogview_ray.storage import RunStore, check_relative
 
@@ -27,6 +29,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     totals: dict[str, int] = field(default_factory=lambda: dict(
         shards=0, rows=0, ok=0, failed=0, rejected=0, objects_checked=0))
+    reasons: Counter = field(default_factory=Counter)  # rows per reason code (as _SUCCESS.json, report)
 
     @property
     def verified(self) -> bool:
@@ -40,6 +43,8 @@ class VerifyReport:
             f"  shards {t['shards']}  rows {t['rows']}  ok {t['ok']}  failed {t['failed']}"
             f"  rejected {t['rejected']}  objects checked {t['objects_checked']}",
         ]
+        if self.reasons:
+            lines.append("  reasons  " + "  ".join(f"{k} {v}" for k, v in sorted(self.reasons.items())))
         lines += [f"  - {p}" for p in self.problems[:_SHOWN_PROBLEMS]]
         if len(self.problems) > _SHOWN_PROBLEMS:
             lines.append(f"  ... and {len(self.problems) - _SHOWN_PROBLEMS} more")
@@ -53,8 +58,8 @@ def verify_run(uri: str, storage_options: Mapping[str, Any] | None = None,
     report = VerifyReport(run_url=store.url(""))
     problems = report.problems
     store.invalidate()
-    if not store.exists(mf.RUN_INFO):
-        problems.append(f"{mf.RUN_INFO} is missing")
+    if not store.exists(layout.RUN_INFO):
+        problems.append(f"{layout.RUN_INFO} is missing")
 
     seen_rows: dict[tuple, str] = {}
     seen_ids: dict[str, str] = {}
@@ -65,6 +70,7 @@ def verify_run(uri: str, storage_options: Mapping[str, Any] | None = None,
         if rows is None:
             continue
         report.totals["shards"] += 1
+        report.reasons.update(count_reasons(r["reason"] for r in rows))
         ok_rows = []
         for r in rows:
             report.totals["rows"] += 1
@@ -95,11 +101,11 @@ def verify_run(uri: str, storage_options: Mapping[str, Any] | None = None,
 def _check_shard(store: RunStore, shard: str, problems: list[str]) -> list[dict] | None:
     """Rows of a committed shard's manifest part, or None if marker or part is broken."""
     try:
-        marker = json.loads(store.read(mf.commit_path(shard)))
+        marker = json.loads(store.read(layout.commit_marker(shard)))
     except (ValueError, FileNotFoundError):
         problems.append(f"shard {shard}: commit marker is unreadable")
         return None
-    part = mf.manifest_part_path(shard)
+    part = layout.manifest_part(shard)
     try:
         data = store.read(part)
     except FileNotFoundError:
@@ -140,8 +146,8 @@ def _check_key(r: dict, where: str, problems: list[str]) -> bool:
     except ValueError:
         problems.append(f"{where}: key {key!r} is outside the run prefix")
         return False
-    if not (rel.startswith("images/") or rel.startswith("shards/")):
-        problems.append(f"{where}: key {key!r} is not under images/ or shards/")
+    if not layout.is_output(rel):
+        problems.append(f"{where}: key {key!r} is not under {' or '.join(d + '/' for d in layout.OUTPUT_DIRS)}")
         return False
     return True
 
@@ -208,9 +214,9 @@ def _check_success(store: RunStore, report: VerifyReport) -> None:
         return
     totals = success.get("totals")
     if not isinstance(totals, dict):
-        report.problems.append(f"{mf.SUCCESS} has no totals")
+        report.problems.append(f"{layout.SUCCESS} has no totals")
         return
     for k in ("shards", "rows", "ok", "failed", "rejected"):
         if k in totals and totals[k] != report.totals[k]:
-            report.problems.append(f"{mf.SUCCESS} says {k}={totals[k]} but committed manifests "
+            report.problems.append(f"{layout.SUCCESS} says {k}={totals[k]} but committed manifests "
                                    f"have {report.totals[k]}")

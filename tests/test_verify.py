@@ -111,7 +111,7 @@ def test_missing_member_and_container(local, fmt):
 
     def mutate(shard, records):
         if shard == "00000":
-            records[0].key = f"shards/00000.{ext}#nobody.png"
+            records[0] = dataclasses.replace(records[0], key=f"shards/00000.{ext}#nobody.png")
 
     fabricate(local, fmt, mutate=mutate)
     assert_problems(run_verify(local), "nobody.png of ok row 'id-0' is missing")
@@ -122,7 +122,10 @@ def test_missing_member_and_container(local, fmt):
 
 
 def test_wrong_sha(local):
-    fabricate(local, mutate=lambda shard, rs: setattr(rs[0], "sha256", "0" * 64))
+    def mutate(shard, records):
+        records[0] = dataclasses.replace(records[0], sha256="0" * 64)
+
+    fabricate(local, mutate=mutate)
     assert_problems(run_verify(local), "id-0.png sha256 does not match",
                     "id-10.png sha256 does not match")
 
@@ -130,7 +133,7 @@ def test_wrong_sha(local):
 def test_wrong_byte_count(local):
     def mutate(shard, records):
         if shard == "00001":
-            records[1].bytes += 1
+            records[1] = dataclasses.replace(records[1], bytes=records[1].bytes + 1)
 
     fabricate(local, "webdataset", mutate=mutate)
     assert_problems(run_verify(local), "shards/00001.tar#id-11.png has")
@@ -139,7 +142,7 @@ def test_wrong_byte_count(local):
 def test_wrong_dimensions(local):
     def mutate(shard, records):
         if shard == "00000":
-            records[1].height, records[1].width = 16, 32
+            records[1] = dataclasses.replace(records[1], height=16, width=32)
 
     fabricate(local, "parquet", mutate=mutate)
     assert_problems(run_verify(local), "id-1.png is 16x32, manifest says 32x16")
@@ -162,7 +165,7 @@ def test_manifest_changed_after_commit(local):
     fabricate(local, success=False)
     table = mf.read_manifest(local)
     records = [RowRecord(**r) for r in table.to_pylist() if r["shard_id"] == "00000"]
-    records[2] = dataclasses.replace(records[2], reason="oom")
+    records[2] = dataclasses.replace(records[2], reason="out_of_memory")
     local.write("manifest/00000.parquet", mf.manifest_bytes(records))  # behind the API's back
     assert_problems(run_verify(local), "shard 00000: manifest part sha256 does not match")
 
@@ -170,7 +173,7 @@ def test_manifest_changed_after_commit(local):
 def test_duplicate_id(local):
     def mutate(shard, records):
         if shard == "00001":
-            records[2].id = "id-0"  # a failed row claiming an ok row's id
+            records[2] = dataclasses.replace(records[2], id="id-0")  # a failed row claiming an ok row's id
 
     fabricate(local, mutate=mutate)
     assert_problems(run_verify(local), "id 'id-0' is duplicated (shards 00000 and 00001)")
@@ -179,7 +182,7 @@ def test_duplicate_id(local):
 def test_same_input_row_in_two_shards(local):
     def mutate(shard, records):
         if shard == "00001":
-            records[3].row_index = 3  # shard 00000's rejected row
+            records[3] = dataclasses.replace(records[3], row_index=3)  # shard 00000's rejected row
 
     fabricate(local, mutate=mutate)
     assert_problems(run_verify(local), "shard 00001 row 3 of in.parquet also appears in shard 00000")
@@ -205,7 +208,7 @@ def test_marker_counts_disagree(local):
 def test_key_outside_run_prefix(local):
     def mutate(shard, records):
         if shard == "00000":
-            records[0].key = "../run2/images/00000/id-0.png"
+            records[0] = dataclasses.replace(records[0], key="../run2/images/00000/id-0.png")
 
     fabricate(local, mutate=mutate)
     assert_problems(run_verify(local), "is outside the run prefix")
