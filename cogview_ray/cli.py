@@ -1,25 +1,23 @@
-"""`cogview-ray` command line: render, verify, make-checkpoint, nightly, report."""
+"""`cogview-ray` command line: render, verify, make-checkpoint, nightly, report.
+
+Errors a user can cause are printed as one line and mapped to an exit code in one place (`main`):
+2 configuration, input or storage, 3 the run's lock is held by (or was lost to) another driver."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from typing import Optional
 
 
 def _render(args) -> int:
-    from .config import ConfigError, load_config
-    from .driver import RunError, run_render
-    from .model.loading import CheckpointError
-    from .shards import DatasetError
-    from .storage import StorageError
+    from .config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        outcome = run_render(cfg)
-    except (ConfigError, DatasetError, RunError, CheckpointError, StorageError) as e:
-        print(f"cogview-ray: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    from .driver import run_render  # after the config: a config error needs no Ray
+
+    outcome = run_render(cfg)
     print(json.dumps({"run": outcome.run_uri, "totals": outcome.totals,
                       "shards_skipped": outcome.shards_skipped, "shards_committed": outcome.shards_committed,
                       "shards_failed": outcome.shards_failed}, sort_keys=True))
@@ -29,8 +27,7 @@ def _render(args) -> int:
 def _verify(args) -> int:
     from .verify import verify_run
 
-    options = json.loads(args.storage_options) if args.storage_options else None
-    report = verify_run(args.run_uri, options)
+    report = verify_run(args.run_uri, _storage_options(args.storage_options))
     print(report.summary())
     return 0 if report.verified else 1
 
@@ -46,22 +43,14 @@ def _make_checkpoint(args) -> int:
 def _nightly(args) -> int:
     import datetime as dt
 
-    from .config import ConfigError
-    from .model.loading import CheckpointError
-    from .nightly import EXIT_ERROR, run_nightly
-    from .shards import DatasetError
-    from .storage import StorageError
+    from .errors import ConfigError
+    from .nightly import run_nightly
 
     try:
         day = dt.date.fromisoformat(args.date) if args.date else None
     except ValueError:
-        print(f"cogview-ray: error: --date {args.date!r} is not a date like 2025-01-31.", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        result = run_nightly(args.config, args.overrides, day=day)
-    except (ConfigError, DatasetError, CheckpointError, StorageError) as e:
-        print(f"cogview-ray: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        raise ConfigError(f"--date {args.date!r} is not a date like 2025-01-31.") from None
+    result = run_nightly(args.config, args.overrides, day=day)
     render = result.render
     print(json.dumps({"run": result.run_uri, "day": result.day.isoformat(), "status": result.status,
                       "totals": render.totals if render else None, "deleted": result.deleted}, sort_keys=True))
@@ -69,17 +58,38 @@ def _nightly(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import ReportError, build_report
-    from .storage import StorageError
+    from .report import build_report
 
-    options = json.loads(args.storage_options) if args.storage_options else None
-    try:
-        result = build_report(args.run_uri, args.out, options, sample_size=args.sample)
-    except (ReportError, StorageError, ValueError) as e:
-        print(f"cogview-ray: error: {e}", file=sys.stderr)
-        return 2
+    result = build_report(args.run_uri, args.out, _storage_options(args.storage_options), sample_size=args.sample)
     print(result.html)
     return 0
+
+
+def _storage_options(text: Optional[str]) -> Optional[dict]:
+    """`--storage-options` as a dict. The text may hold credentials, so errors never quote it."""
+    from .errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--storage-options is not valid JSON ({e.msg} at character {e.pos}); "
+                          f"give a JSON object such as '{{\"anon\": true}}'.") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"--storage-options must be a JSON object such as '{{\"anon\": true}}', "
+                          f"not a JSON {type(options).__name__}.")
+    return options
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and read. Imported only when an exception is on its way out (the
+    model layer loads torch); UserError carries its exit code, the others are 2."""
+    from .errors import UserError
+    from .model.loading import CheckpointError  # the model layer imports nothing of ours
+    from .storage import StorageError
+
+    return UserError, CheckpointError, StorageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:  # evaluated only when an exception is on its way out
+        print(f"cogview-ray: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
 
 
 if __name__ == "__main__":

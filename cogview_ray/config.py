@@ -1,8 +1,10 @@
-"""Run settings: frozen dataclasses loaded from YAML plus `key=value` overrides, strictly
-validated, with helpers for the resume check and for saving the config without secrets."""
+"""Run settings: frozen dataclasses loaded from YAML plus `key=value` overrides and strictly
+validated; every refusal is one sentence naming the key. Output identity: identity.py; secrets:
+credentials.py."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import difflib
 import json
 import math
@@ -20,10 +22,10 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from .credentials import REDACTED, is_secret_key
+from .errors import ConfigError, first_line
+
 MAX_SEED = 2**63 - 1
-MIN_SIZE_PX = 16
-MAX_SIZE_PX = 2048
-SIZE_MULTIPLE_PX = 16
 MAX_STEPS = 1000
 
 DTYPES = ("auto", "bfloat16", "float32")
@@ -34,22 +36,19 @@ IMAGE_FORMATS = ("png", "jpeg", "webp")
 RESUME_MODES = ("auto", "force")
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# Key names whose values are never shown in errors or saved configs.
-_SECRET_KEY_RE = re.compile(r"key|secret|token|passw|credential", re.IGNORECASE)
-_URL_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
-REDACTED = "***"
 
-
-class ConfigError(ValueError):
-    """A setting the user got wrong; the message is one sentence naming the key."""
+# Field metadata read by identity.output_defining: every setting defines the output (its bytes or
+# layout) unless its field says otherwise, so a new setting is part of the resume check by default.
+OUTPUT_DEFINING = "output_defining"
+_NOT_DEFINING = {OUTPUT_DEFINING: False}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = MISSING
     dtype: str = "auto"
-    compile: str = "none"
-    device: str = "auto"
+    compile: str = field(default="none", metadata=_NOT_DEFINING)
+    device: str = field(default="auto", metadata=_NOT_DEFINING)
 
 
 @dataclass(frozen=True)
@@ -63,12 +62,13 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class RenderConfig:
-    height: int = 1024
+    height: int = 1024  # limits come from the loaded pipeline (the worker checks them)
     width: int = 1024
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
     negative_prompt: Optional[str] = None
-    batch_size: int = 1
+    # images do not depend on their batch-mates: the pipeline runs one item per forward
+    batch_size: int = field(default=1, metadata=_NOT_DEFINING)
     seed: int = 0
     max_sequence_length: int = 224
 
@@ -85,12 +85,21 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    uri: str = MISSING
-    run_id: Optional[str] = None
+    uri: str = field(default=MISSING, metadata=_NOT_DEFINING)  # the run's place, not its content
+    run_id: Optional[str] = field(default=None, metadata=_NOT_DEFINING)
     format: str = "files"
     image_format: str = "png"
     quality: int = 95
-    storage_options: Dict[str, Any] = field(default_factory=dict)
+    storage_options: Dict[str, Any] = field(default_factory=dict, metadata=_NOT_DEFINING)
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """`cogview-ray nightly` only: one run per calendar day, its id the date."""
+
+    timezone: str = "UTC"  # IANA name: the calendar day of a trigger is taken in this zone
+    run_id_format: str = "nightly-%Y-%m-%d"  # strftime of the day; must encode the date and only it
+    keep_days: Optional[int] = None  # delete nights dated more than this many days before today
 
 
 @dataclass(frozen=True)
@@ -98,12 +107,13 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig, metadata=_NOT_DEFINING)
     output: OutputConfig = field(default_factory=OutputConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig, metadata=_NOT_DEFINING)
     # "auto": resume only when output-defining settings and input match; "force": resume anyway.
-    resume: str = "auto"
+    resume: str = field(default="auto", metadata=_NOT_DEFINING)
     # Take over a run lock left by a driver that is gone.
-    takeover_lock: bool = False
+    takeover_lock: bool = field(default=False, metadata=_NOT_DEFINING)
 
 
 _SECTIONS = {
@@ -112,20 +122,18 @@ _SECTIONS = {
     "render": RenderConfig,
     "workers": WorkersConfig,
     "output": OutputConfig,
+    "nightly": NightlyConfig,
 }
 # Free-form mappings passed through to other libraries: any keys allowed, values hidden.
 _FREE_FORM = {"output.storage_options"}
+_STRING_TYPES = ("a string", "a string or null")
 
 
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: Optional[str | Path], overrides: list[str] | tuple[str, ...] = (),
-                ignore_sections: tuple[str, ...] = ()) -> RunConfig:
-    """YAML file (optional) merged over the defaults, then `key=value` overrides; validated.
-
-    `ignore_sections` names top-level YAML sections that another reader owns (e.g. `nightly`).
-    """
+def load_config(path: Optional[str | Path], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (optional) merged over the defaults, then `key=value` overrides; validated."""
     schema = OmegaConf.structured(RunConfig)
     OmegaConf.set_readonly(schema, False)  # frozen dataclasses make it read-only
     OmegaConf.set_struct(schema, True)
@@ -134,10 +142,7 @@ def load_config(path: Optional[str | Path], overrides: list[str] | tuple[str, ..
 
     layers: list[tuple[DictConfig, str]] = []
     if path is not None:
-        loaded = _read_yaml(Path(path))
-        if ignore_sections:
-            loaded = OmegaConf.masked_copy(loaded, [k for k in loaded.keys() if k not in ignore_sections])
-        layers.append((loaded, f"in {path}"))
+        layers.append((_read_yaml(Path(path)), f"in {path}"))
     if overrides:
         layers.append((_parse_overrides(list(overrides)), "on the command line"))
 
@@ -161,7 +166,7 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as e:  # yaml errors, unreadable file
-        raise ConfigError(f"Config file {path} is not valid YAML ({_first_line(e)}).") from None
+        raise ConfigError(f"Config file {path} is not valid YAML ({first_line(e)}).") from None
     if loaded is None or (isinstance(loaded, DictConfig) and loaded._is_none()):
         return OmegaConf.create({})
     if not isinstance(loaded, DictConfig):
@@ -172,15 +177,21 @@ def _read_yaml(path: Path) -> DictConfig:
 def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
-            shown = REDACTED if _SECRET_KEY_RE.search(str(item)) else repr(item)
+            shown = REDACTED if is_secret_key(str(item)) else repr(item)
             raise ConfigError(f"Override {shown} must have the form key=value, e.g. render.height=768.")
+    parsed = []
     for item in overrides:
         try:
             OmegaConf.from_dotlist([item])
+            parsed.append(item)
         except Exception:  # yaml scanner/parser errors and OmegaConf grammar errors
-            key = item.split("=", 1)[0].strip()
-            raise ConfigError(f"Override for config key {key} could not be parsed as a value.") from None
-    return OmegaConf.from_dotlist(overrides)
+            key, raw = (part.strip() for part in item.split("=", 1))
+            if _expected(key) not in _STRING_TYPES:
+                raise ConfigError(f"Override for config key {key} could not be parsed as a value.") from None
+            # text YAML cannot read (a strftime pattern starts with '%'): for a string setting,
+            # the text is the value
+            parsed.append(f"{key}={json.dumps(raw)}")
+    return OmegaConf.from_dotlist(parsed)
 
 
 def _check_keys(layer: DictConfig, where: str) -> None:
@@ -210,7 +221,7 @@ def _translate(e: OmegaConfBaseException, layer: Optional[DictConfig], where: st
     key = str(getattr(e, "full_key", None) or getattr(e, "key", None) or "?")
     suffix = f" {where}" if where else ""
     # OmegaConf's own messages can quote values: never for a key that may hold a secret.
-    detail = "" if _is_secret(key) else f" ({_first_line(e)})"
+    detail = "" if _is_secret(key) else f" ({first_line(e)})"
     if isinstance(e, MissingMandatoryValue):
         return ConfigError(f"Config key {key} is required but not set.")
     if isinstance(e, InterpolationResolutionError):
@@ -259,13 +270,8 @@ def _expected(key: str) -> str:
                      "a value of the right type")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _is_secret(key: str) -> bool:
-    return bool(_SECRET_KEY_RE.search(key.rsplit(".", 1)[-1])) or any(key.startswith(k) for k in _FREE_FORM)
+    return is_secret_key(key.rsplit(".", 1)[-1]) or any(key.startswith(k) for k in _FREE_FORM)
 
 
 def _shown(key: str, value: Any) -> str:
@@ -292,11 +298,8 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     if d.limit is not None:
         _int_range("dataset.limit", d.limit, 1, None)
 
-    for name in ("height", "width"):
-        value = getattr(r, name)
-        _int_range(f"render.{name}", value, MIN_SIZE_PX, MAX_SIZE_PX)
-        if value % SIZE_MULTIPLE_PX:
-            raise ConfigError(f"Config key render.{name} must be a multiple of {SIZE_MULTIPLE_PX}, got {value!r}.")
+    _int_range("render.height", r.height, 1, None)
+    _int_range("render.width", r.width, 1, None)
     _int_range("render.num_inference_steps", r.num_inference_steps, 1, MAX_STEPS)
     _float_min("render.guidance_scale", r.guidance_scale, 0.0, inclusive=True)
     if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
@@ -327,6 +330,8 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _int_range("output.quality", o.quality, 1, 100)
     if not isinstance(o.storage_options, dict) or not all(isinstance(k, str) for k in o.storage_options):
         raise ConfigError("Config key output.storage_options must be a mapping with string keys.")
+
+    _validate_nightly(cfg.nightly)
 
     _choice("resume", cfg.resume, RESUME_MODES)
     if not isinstance(cfg.takeover_lock, bool):
@@ -370,95 +375,54 @@ def _float_min(key: str, value: Any, low: float, inclusive: bool) -> None:
         raise ConfigError(f"Config key {key} must be {bound}, got {value!r}.")
 
 
-# ---------------------------------------------------------------- resume and saving
+# ---------------------------------------------------------------- nightly section
 
 
-def output_defining(cfg: RunConfig) -> dict:
-    """The settings that change output bytes or layout; a resume must find them unchanged."""
-    return {
-        "model": {"path": _strip_userinfo(cfg.model.path), "dtype": cfg.model.dtype},
-        "dataset": {
-            "uri": _strip_userinfo(cfg.dataset.uri),
-            "prompt_column": cfg.dataset.prompt_column,
-            "id_column": cfg.dataset.id_column,
-            "shard_size": cfg.dataset.shard_size,
-            "limit": cfg.dataset.limit,
-        },
-        # batch_size is left out: images do not depend on their batch-mates (see pipeline.py)
-        "render": {k: v for k, v in dataclasses.asdict(cfg.render).items() if k != "batch_size"},
-        "output": {
-            "format": cfg.output.format,
-            "image_format": cfg.output.image_format,
-            "quality": cfg.output.quality,
-        },
-    }
+def _validate_nightly(n: NightlyConfig) -> None:
+    night_zone(n)
+    fmt = n.run_id_format
+    # the id must encode the whole date and nothing finer, so one day has exactly one run
+    if not isinstance(fmt, str) or "%" not in fmt:
+        raise ConfigError(f"Config key nightly.run_id_format must be a strftime pattern such as "
+                          f"nightly-%Y-%m-%d, got {fmt!r}.")
+    for day in (dt.date(2001, 2, 3), dt.date(2030, 12, 31)):
+        start, end = dt.datetime.combine(day, dt.time(0, 0)), dt.datetime.combine(day, dt.time(23, 59, 59))
+        text = start.strftime(fmt)
+        if end.strftime(fmt) != text:
+            raise ConfigError(f"Config key nightly.run_id_format {fmt!r} changes within a day; "
+                              f"use date fields only (%Y, %m, %d).")
+        if not RUN_ID_RE.fullmatch(text):
+            raise ConfigError(f"Config key nightly.run_id_format {fmt!r} gives run id {text!r}, which is "
+                              f"not 1-128 letters, digits, '.', '_' or '-'.")
+        if parse_run_day(text, fmt) != day:
+            raise ConfigError(f"Config key nightly.run_id_format {fmt!r} does not encode the full date; "
+                              f"include %Y, %m and %d.")
+    k = n.keep_days
+    if k is not None and (not _is_int(k) or k < 1):
+        raise ConfigError(f"Config key nightly.keep_days must be a positive integer or null, got {k!r}.")
 
 
-def diff_output_defining(old: dict, new: dict) -> list[str]:
-    """Human-readable changes between two `output_defining` dicts, e.g. 'render.height: 1024 -> 768'."""
-    a, b = _flatten(old), _flatten(new)
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        before, after = a.get(key, _ABSENT), b.get(key, _ABSENT)
-        if before is _ABSENT or after is _ABSENT or not _same(before, after):
-            lines.append(f"{key}: {_fmt(before)} -> {_fmt(after)}")
-    return lines
+def night_zone(n: NightlyConfig) -> dt.tzinfo:
+    """The time zone whose calendar day names a night."""
+    if n.timezone in ("UTC", "Etc/UTC"):  # works without a tz database (slim images)
+        return dt.timezone.utc
+    try:
+        from zoneinfo import ZoneInfo
+
+        return ZoneInfo(n.timezone)
+    except Exception:
+        raise ConfigError(f"Config key nightly.timezone must be an IANA time zone such as Europe/Berlin, "
+                          f"got {n.timezone!r}.") from None
 
 
-_ABSENT = object()
+def night_run_id(n: NightlyConfig, day: dt.date) -> str:
+    return dt.datetime.combine(day, dt.time(0, 0)).strftime(n.run_id_format)
 
 
-def _same(a: Any, b: Any) -> bool:
-    # bool is an int in Python, but true and 1 are different settings.
-    if isinstance(a, bool) != isinstance(b, bool):
-        return False
-    return a == b
-
-
-def _fmt(value: Any) -> str:
-    if value is _ABSENT:
-        return "(absent)"
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def storage_options_for(uri: str, cfg: RunConfig) -> dict:
-    """fsspec options for the dataset or a remote model: the output's when on the same protocol
-    (one set of credentials for one object store), else none (the usual environment)."""
-    def protocol(u: str) -> str:
-        return u.split("://", 1)[0] if "://" in u else "file"
-
-    return dict(cfg.output.storage_options) if protocol(uri) == protocol(cfg.output.uri) else {}
-
-
-def redacted(cfg: RunConfig) -> dict:
-    """The resolved config as a plain dict, safe to save or log: secrets become '***'."""
-    plain = dataclasses.asdict(cfg)
-    plain["output"]["storage_options"] = REDACTED
-    return _redact(plain)
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: REDACTED if isinstance(k, str) and _SECRET_KEY_RE.search(k) else _redact(v)
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_redact(v) for v in value]
-    if isinstance(value, str):
-        return _strip_userinfo(value)
-    return value
-
-
-def _strip_userinfo(text: str) -> str:
-    """`s3://user:pass@bucket/x` -> `s3://***@bucket/x`: credentials in URLs never leave."""
-    return _URL_USERINFO_RE.sub(lambda m: f"{m.group(1)}{REDACTED}@", text) if isinstance(text, str) else text
+def parse_run_day(name: str, fmt: str) -> Optional[dt.date]:
+    """The day a run folder name stands for, or None unless `fmt` produced exactly this name."""
+    try:
+        day = dt.datetime.strptime(name, fmt).date()
+    except ValueError:
+        return None
+    return day if dt.datetime.combine(day, dt.time(0, 0)).strftime(fmt) == name else None

@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cogview_ray import layout
+from cogview_ray.layout import check_key
 from cogview_ray.storage import RunStore, check_relative
 
 IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -39,7 +41,6 @@ _META_TYPES = {
     "model_path": pa.string(), "model_hash": pa.string(),
 }
 _RESERVED_COLUMNS = ("key", "member", "image")
-MAX_KEY_BYTES = 200  # leaves room for ".json" within a 255-byte file name
 _TAR_MTIME = 0
 
 
@@ -65,15 +66,6 @@ def encode_image(image: np.ndarray, image_format: str, quality: int = 95) -> byt
     else:
         pil.save(buf, format="WEBP", quality=int(quality), method=4, lossless=False, exact=False)
     return buf.getvalue()
-
-
-def check_key(key: str) -> str:
-    """A sample key must be one safe path segment (it becomes a file or member name)."""
-    if not isinstance(key, str) or "/" in key or len(key.encode("utf-8")) > MAX_KEY_BYTES:
-        raise ValueError(f"sample key {key!r} must be one path segment of at most "
-                         f"{MAX_KEY_BYTES} bytes")
-    check_relative(key)
-    return key
 
 
 def meta_json(meta: dict) -> bytes:
@@ -106,7 +98,7 @@ class FilesSink:
         self.store, self.shard_id, self.ext = store, shard_id, image_extension(image_format)
 
     def add(self, key: str, image_bytes: bytes, meta: dict) -> str:
-        rel = f"images/{self.shard_id}/{check_key(key)}.{self.ext}"
+        rel = layout.image(self.shard_id, key, self.ext)
         self.store.write(rel, image_bytes)
         return rel
 
@@ -132,7 +124,7 @@ class _SpooledSink:
     def __init__(self, store: RunStore, shard_id: str, image_format: str):
         check_key(shard_id)
         self.store, self.shard_id, self.ext = store, shard_id, image_extension(image_format)
-        self.rel = f"shards/{shard_id}.{self.suffix}"
+        self.rel = layout.container(shard_id, self.suffix)
         self._dir = tempfile.mkdtemp(prefix=f"cogview-sink-{shard_id}-")
         self._keys: set[str] = set()
         self._closed = False

@@ -3,7 +3,7 @@
 The run id is the day (nightly.run_id_format in nightly.timezone), so a repeated trigger resumes
 that day's run or, when it is complete, exits 0 without rendering. Exit codes: 0 done,
 1 shards failed (trigger again to retry), 2 configuration or input error, 3 another driver holds
-the night's run lock.
+the night's run lock (or took it over from this one).
 """
 import sys
 

@@ -121,8 +121,7 @@ def test_bad_records_refused(tmp_path):
     store = RunStore(str(tmp_path), "run1")
     with pytest.raises(ValueError, match="belongs to shard"):
         mf.write_manifest_part(store, "00005", make_records("00006"))
-    bad = make_records("00005", 1)
-    bad[0].status = "done"
+    bad = [dataclasses.replace(r, status="done") for r in make_records("00005", 1)]
     with pytest.raises(ValueError, match="status 'done'"):
         mf.write_manifest_part(store, "00005", bad)
     with pytest.raises(ValueError):
@@ -154,15 +153,6 @@ def test_run_files(store):
     assert mf.read_run_info(store) is None
     mf.write_run_info(store, {"config": {"render": {"seed": 0}}, "fingerprint": ["a"]})
     assert mf.read_run_info(store)["fingerprint"] == ["a"]
-
-    assert mf.acquire_lock(store, {"host": "h1", "pid": 1}) is True
-    assert mf.acquire_lock(store, {"host": "h2", "pid": 2}) is False
-    assert mf.read_lock(store)["host"] == "h1"
-    assert mf.acquire_lock(store, {"host": "h2", "pid": 2}, takeover=True) is True
-    assert mf.read_lock(store)["host"] == "h2"
-    mf.release_lock(store)
-    assert mf.read_lock(store) is None
-    assert mf.acquire_lock(store, {"host": "h3"}) is True
 
     with pytest.raises(ValueError, match="totals"):
         mf.write_success(store, {"images_per_s": 1.0})

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from cogview_ray.cli import main as cli_main
-from cogview_ray.config import ConfigError
-from cogview_ray.manifest import read_lock
-from cogview_ray.nightly import (EXIT_LOCKED, NightlyConfig, compare_runs, load_nightly_config, parse_run_day,
-                                 prune_nights, run_nightly)
+from cogview_ray.config import NightlyConfig, parse_run_day
+from cogview_ray.errors import ConfigError, RunLocked
+from cogview_ray.manifest import read_manifest
+from cogview_ray.nightly import load_nightly_config, prune_nights, run_nightly
+from cogview_ray.run_lock import read_lock
 from cogview_ray.storage import RunStore
 from cogview_ray.verify import verify_run
 
@@ -60,13 +61,13 @@ output: {{uri: "{tmp_path / 'out'}", run_id: ignored-by-nightly}}
 def test_run_id_is_the_day_in_the_configured_time_zone(tmp_path):
     cfg_path = write_config(tmp_path, "/nonexistent/ckpt")
     late_utc = dt.datetime(2025, 3, 1, 23, 30, tzinfo=dt.timezone.utc)  # already Mar 2 in Berlin
-    ncfg, cfg, day = load_nightly_config(cfg_path, [], now=late_utc)
-    assert ncfg == NightlyConfig(timezone="Europe/Berlin", run_id_format="nightly-%Y-%m-%d", keep_days=None)
+    cfg, day = load_nightly_config(cfg_path, [], now=late_utc)
+    assert cfg.nightly == NightlyConfig(timezone="Europe/Berlin", run_id_format="nightly-%Y-%m-%d", keep_days=None)
     assert day == DAY and cfg.output.run_id == "nightly-2025-03-02"
-    _, cfg, day = load_nightly_config(cfg_path, ["nightly.timezone=America/New_York"], now=late_utc)
+    cfg, day = load_nightly_config(cfg_path, ["nightly.timezone=America/New_York"], now=late_utc)
     assert day == dt.date(2025, 3, 1) and cfg.output.run_id == "nightly-2025-03-01"
-    _, cfg, _ = load_nightly_config(cfg_path, ["nightly.run_id_format=cats_%Y%m%d", "output.run_id=x",
-                                               "render.seed=5"], day=DAY)
+    cfg, _ = load_nightly_config(cfg_path, ["nightly.run_id_format=cats_%Y%m%d", "output.run_id=x",
+                                            "render.seed=5"], day=DAY)
     assert cfg.output.run_id == "cats_20250302" and cfg.render.seed == 5
     assert parse_run_day("cats_20250302", "cats_%Y%m%d") == DAY
     assert parse_run_day("cats_2025032", "cats_%Y%m%d") is None  # not what the pattern would write
@@ -79,7 +80,8 @@ def test_run_id_is_the_day_in_the_configured_time_zone(tmp_path):
     ("nightly.run_id_format=nightly-%Y-%m", "does not encode the full date"),
     ("nightly.run_id_format=nightly %Y-%m-%d", "not 1-128 letters"),
     ("nightly.keep_days=0", "nightly.keep_days must be a positive integer"),
-    ("nightly.keep_day=3", r"Unknown config key nightly.keep_day \(did you mean nightly.keep_days\?\)"),
+    ("nightly.keep_day=3", r"Unknown config key nightly.keep_day on the command line "
+                           r"\(did you mean nightly.keep_days\?\)"),
 ])
 def test_bad_nightly_settings_are_refused_with_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -105,7 +107,7 @@ def test_overlapping_trigger_is_refused_by_the_run_lock(tmp_path):
     # the script operators schedule, as a separate process
     proc = subprocess.run([sys.executable, "jobs/nightly.py", cfg_path, "--date", "2025-03-02"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == EXIT_LOCKED, proc.stderr
+    assert proc.returncode == RunLocked.exit_code == 3, proc.stderr
     assert "another trigger is rendering this night" in proc.stderr
     assert f"pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
     # the first night's lock and run are untouched
@@ -137,8 +139,8 @@ def test_retention_deletes_only_old_nights_made_by_the_pattern(tmp_path, capsys)
     (out / "nightly-2025-02-23" / "_LOCK").write_text(json.dumps({"host": "other", "pid": 1, "heartbeat_at": 0}))
 
     cfg_path = write_config(tmp_path, "/x", keep_days=3)
-    ncfg, cfg, _ = load_nightly_config(cfg_path, [], day=DAY)
-    deleted = prune_nights(cfg, ncfg, DAY)
+    cfg, _ = load_nightly_config(cfg_path, [], day=DAY)
+    deleted = prune_nights(cfg, DAY)
     # dated more than 3 days before Mar 2: Feb 20-26, less the live-locked Feb 22
     assert deleted == [f"nightly-2025-02-{d}" for d in (20, 21, 23, 24, 25, 26)]
     assert sorted(p.name for p in out.iterdir()) == sorted([
@@ -146,7 +148,7 @@ def test_retention_deletes_only_old_nights_made_by_the_pattern(tmp_path, capsys)
         "nightly-2025-02-27", "nightly-2025-02-28", "nightly-2025-02-30", "nightly-2025-03-01",
         "nightly-2025-03-05", "nightly-2025-2-1", "nightly-latest"])
     assert "keeping nightly-2025-02-22: a driver holds its lock" in capsys.readouterr().err
-    assert prune_nights(cfg, ncfg, DAY) == []  # idempotent
+    assert prune_nights(cfg, DAY) == []  # idempotent
 
 
 def test_today_is_never_pruned_even_with_a_date_format_that_sorts_oddly(tmp_path):
@@ -154,8 +156,8 @@ def test_today_is_never_pruned_even_with_a_date_format_that_sorts_oddly(tmp_path
     make_night(out, "02.03.2025")
     make_night(out, "01.02.2025")
     cfg_path = write_config(tmp_path, "/x", keep_days=1)
-    ncfg, cfg, _ = load_nightly_config(cfg_path, ["nightly.run_id_format=%d.%m.%Y"], day=DAY)
-    assert prune_nights(cfg, ncfg, DAY) == ["01.02.2025"]
+    cfg, _ = load_nightly_config(cfg_path, ["nightly.run_id_format=%d.%m.%Y"], day=DAY)
+    assert prune_nights(cfg, DAY) == ["01.02.2025"]
     assert (out / "02.03.2025").is_dir()
 
 
@@ -185,9 +187,9 @@ def test_retention_on_s3(s3_bucket, s3_storage_options, tmp_path):
         fs.pipe_file(f"{s3_bucket}/nightly/{name}/_SUCCESS.json", b"{}")
         fs.pipe_file(f"{s3_bucket}/nightly/{name}/images/f00000-000000/a.png", b"png")
     cfg_path = write_config(tmp_path, "/x", keep_days=7)
-    ncfg, cfg, _ = load_nightly_config(cfg_path, [f"output.uri=s3://{s3_bucket}/nightly"], day=DAY)
+    cfg, _ = load_nightly_config(cfg_path, [f"output.uri=s3://{s3_bucket}/nightly"], day=DAY)
     cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, storage_options=s3_storage_options))
-    assert prune_nights(cfg, ncfg, DAY) == ["nightly-2025-02-01"]
+    assert prune_nights(cfg, DAY) == ["nightly-2025-02-01"]
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/nightly")) == [
         "keep-me", "nightly-2025-03-01", "nightly-2025-03-02"]
@@ -227,10 +229,14 @@ def test_nights_are_comparable_image_for_image(ray_cluster, tiny_checkpoint, tmp
     b = run_nightly(cfg_path, [], day=dt.date(2025, 3, 2))
     assert a.exit_code == b.exit_code == 0 and a.run_id != b.run_id
     out = str(tmp_path / "out")
-    same = compare_runs(RunStore(out, a.run_id), RunStore(out, b.run_id))
-    assert same.same == [f"night-{i:02d}" for i in range(4)]
-    assert same.changed == same.only_a == same.only_b == []
+
+    def images(run_id: str) -> dict:  # id -> sha256 of its image, ok rows of committed shards
+        t = read_manifest(RunStore(out, run_id), columns=["id", "status", "sha256"]).to_pydict()
+        return {i: h for i, st, h in zip(t["id"], t["status"], t["sha256"]) if st == "ok"}
+
+    assert images(a.run_id) == images(b.run_id) and sorted(images(a.run_id)) == [f"night-{i:02d}" for i in range(4)]
     # a changed run seed changes the derived seeds (odd rows) but not the fixed ones (even rows)
     c = run_nightly(cfg_path, ["render.seed=100", "nightly.run_id_format=reseeded-%Y-%m-%d"], day=DAY)
-    diff = compare_runs(RunStore(out, b.run_id), RunStore(out, c.run_id))
-    assert diff.changed == ["night-01", "night-03"] and diff.same == ["night-00", "night-02"]
+    before, after = images(b.run_id), images(c.run_id)
+    assert sorted(i for i in before if before[i] != after[i]) == ["night-01", "night-03"]
+    assert sorted(i for i in before if before[i] == after[i]) == ["night-00", "night-02"]

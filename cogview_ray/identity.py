@@ -1,0 +1,75 @@
+"""A run's output identity: the settings that change its output bytes or layout. A resume must
+find them unchanged, and the default run id hashes them (with the input fingerprint)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from .config import OUTPUT_DEFINING, RunConfig
+from .credentials import strip_userinfo
+
+# How rows.derive_seed turns (render.seed, row id) into a row's seed. Bump it with any change
+# there: the identity then differs, so a resume across the change is refused.
+SEED_SCHEME = 1
+# Runs made before the scheme was recorded used scheme 1, and their identity has no seed_scheme:
+# scheme 1 is recorded by its absence, so their `_run.json` and default run ids stay valid.
+_UNRECORDED_SEED_SCHEME = 1
+
+
+def output_defining(cfg: RunConfig) -> dict:
+    """Every setting of the config except those whose field is marked
+    `metadata={OUTPUT_DEFINING: False}` (scheduling, credentials, flags), by section; URLs
+    without their user:password. A new setting counts unless it is marked."""
+    settings = _defining(cfg)
+    if SEED_SCHEME != _UNRECORDED_SEED_SCHEME:
+        settings["render"]["seed_scheme"] = SEED_SCHEME
+    return settings
+
+
+def _defining(section: Any) -> dict:
+    out = {}
+    for f in dataclasses.fields(section):
+        if not f.metadata.get(OUTPUT_DEFINING, True):
+            continue
+        value = getattr(section, f.name)
+        out[f.name] = _defining(value) if dataclasses.is_dataclass(value) else strip_userinfo(value)
+    return out
+
+
+def diff_output_defining(old: dict, new: dict) -> list[str]:
+    """Human-readable changes between two `output_defining` dicts, e.g. 'render.height: 1024 -> 768'."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        before, after = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if before is _ABSENT or after is _ABSENT or not _same(before, after):
+            lines.append(f"{key}: {_fmt(before)} -> {_fmt(after)}")
+    return lines
+
+
+_ABSENT = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    # bool is an int in Python, but true and 1 are different settings.
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    return a == b
+
+
+def _fmt(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

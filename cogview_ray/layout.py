@@ -1,0 +1,71 @@
+"""Where each object of a run lives under `{output.uri}/{run_id}/`: every key of a run folder is
+spelled here, once; the modules that read or write a run ask here."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from cogview_ray.storage import check_relative
+
+RUN_INFO = "_run.json"  # resolved config (secrets removed), output identity, input fingerprint, versions
+LOCK = "_LOCK"  # created once; stops two drivers writing one run
+SUCCESS = "_SUCCESS.json"  # written when every shard is committed
+FAILED_SUMMARY = "_FAILED.json"  # written instead while some shards are committed as failed
+
+MANIFEST_DIR = "manifest"  # manifest/{shard}.parquet: one row per input row of the shard
+COMMITS_DIR = "commits"  # commits/{shard}.json: the commit marker, written last
+FAILED_DIR = "failed"  # failed/{shard}.json: the shard's commit is a failure, to be redone
+CLAIMS_DIR = "ids"  # ids/{key}.json: which input row owns an object key (user-given ids)
+IMAGES_DIR = "images"  # images/{shard}/{key}.{ext}: format=files
+SHARDS_DIR = "shards"  # shards/{shard}.tar | .parquet: format=webdataset | parquet
+OUTPUT_DIRS = (IMAGES_DIR, SHARDS_DIR)  # where an ok row's key may point
+
+# A key becomes a file name with ".json" appended (claims); 200 bytes leaves room in 255.
+MAX_KEY_BYTES = 200
+# Each per-shard folder's file name suffix, so that a listing maps back to shard ids.
+_SUFFIXES = {MANIFEST_DIR: ".parquet", COMMITS_DIR: ".json", FAILED_DIR: ".json"}
+
+
+def check_key(key: str) -> str:
+    """A shard id or sample key must be one safe path segment (it becomes a file or member name)."""
+    if not isinstance(key, str) or "/" in key or len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise ValueError(f"sample key {key!r} must be one path segment of at most "
+                         f"{MAX_KEY_BYTES} bytes")
+    check_relative(key)
+    return key
+
+
+def manifest_part(shard_id: str) -> str:
+    return f"{MANIFEST_DIR}/{check_key(shard_id)}{_SUFFIXES[MANIFEST_DIR]}"
+
+
+def commit_marker(shard_id: str) -> str:
+    return f"{COMMITS_DIR}/{check_key(shard_id)}{_SUFFIXES[COMMITS_DIR]}"
+
+
+def failed_marker(shard_id: str) -> str:
+    return f"{FAILED_DIR}/{check_key(shard_id)}{_SUFFIXES[FAILED_DIR]}"
+
+
+def claim(key: str) -> str:
+    return f"{CLAIMS_DIR}/{check_key(key)}.json"
+
+
+def image(shard_id: str, key: str, ext: str) -> str:
+    """The object of one image in the `files` format."""
+    return f"{IMAGES_DIR}/{check_key(shard_id)}/{check_key(key)}.{ext}"
+
+
+def container(shard_id: str, suffix: str) -> str:
+    """The shard's one container object in the `webdataset` (tar) or `parquet` format."""
+    return f"{SHARDS_DIR}/{check_key(shard_id)}.{suffix}"
+
+
+def is_output(rel: str) -> bool:
+    """True if `rel` (already checked to be relative) lies where images are written."""
+    return any(rel.startswith(f"{folder}/") for folder in OUTPUT_DIRS)
+
+
+def shard_ids(folder: str, names: Iterable[str]) -> set[str]:
+    """The shard ids in a listing of `manifest/`, `commits/` or `failed/` (other names ignored)."""
+    suffix = _SUFFIXES[folder]
+    return {n[: -len(suffix)] for n in names if n.endswith(suffix)}
