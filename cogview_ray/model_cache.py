@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from filelock import FileLock, Timeout
 
-from .storage import secret_values
+from .storage import check_relative, secret_values
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,16 @@ def is_wanted(rel_path: str) -> bool:
     return parts[-1] in CHECKSUM_FILES or parts[-1].endswith(ALLOWED_SUFFIXES)
 
 
+def _is_confined(rel: str) -> bool:
+    """True for a key tail that names a file strictly inside a folder: no empty, `.` or `..`
+    segment, not absolute, no backslash or NUL (see `storage.check_relative`)."""
+    try:
+        check_relative(rel)
+    except ValueError:
+        return False
+    return True
+
+
 def redact_url(url: str) -> str:
     """The URL without user info or query string (signed URLs carry credentials there)."""
     parts = urlsplit(url)
@@ -170,6 +180,12 @@ def _download(url: str, options: dict, entry: Path) -> None:
         if not path.startswith(prefix) or info.get("type", "file") != "file":
             continue
         rel = path[len(prefix):]
+        if not _is_confined(rel):
+            # Keys are remote data: `a//b`, `/x`, `../x` would name files outside the entry.
+            if rel:
+                log.warning("Skipping %s/%s: its key is not a plain relative path, so it could "
+                            "land outside the cache entry.", shown, rel)
+            continue
         if not is_wanted(rel):
             continue
         size = info.get("size")
@@ -204,7 +220,10 @@ def _download(url: str, options: dict, entry: Path) -> None:
         log.info("Downloading %d files (%.2f GB) from %s.", len(sizes), total / 1e9, shown)
         started = time.perf_counter()
         rels = sorted(sizes)
+        inside = tmp.resolve()
         for rel in rels:
+            if not (tmp / rel).resolve().is_relative_to(inside):  # second line of defence
+                raise ModelCacheError(f"{shown}/{rel} would be written outside the cache entry {entry}.")
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
             fs.get([remote[r] for r in rels], [str(tmp / r) for r in rels])

@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -26,6 +28,10 @@ _PERMANENT_ERRNOS = {
 # storage_options keys whose string values are credentials (matched as substrings).
 _SECRET_HINTS = ("key", "secret", "token", "passw", "credential", "sas", "auth", "sig")
 _TMP_DIR = ".tmp"
+PROBE_DIR = "_probe"  # prove_create_once's short-lived objects
+# The first releases that send `If-None-Match: *` for create-once (see pyproject.toml).
+S3FS_CREATE_FLOOR = "2024.12.0"
+BOTOCORE_CREATE_FLOOR = "1.35.2"
 _WRITE_OPS = ("write", "upload", "create")
 
 
@@ -107,7 +113,8 @@ class RunStore:
     """Objects of one run under `{uri}/{run_id}`, addressed by paths relative to it.
 
     Writes are single PUTs (local: temp file + rename), so a reader never sees half an
-    object. `create_once` is a conditional PUT on S3 and `O_EXCL`-style link locally.
+    object. `create_once` is a conditional PUT on S3 and `O_EXCL`-style link locally;
+    `prove_create_once` checks at start that the store really refuses the second create.
     Transient errors are retried per `retry`; anything else raises `StorageError` (or
     `FileNotFoundError` for a missing object) with a message free of credentials.
     """
@@ -132,7 +139,7 @@ class RunStore:
         """A store for `{uri}/{run_id}` given as one URI (what `cogview-ray verify` takes)."""
         parent, _, run_id = str(run_uri).rstrip("/").rpartition("/")
         if not parent or parent.endswith(":/") or parent.endswith(":"):
-            raise ValueError(f"run URI {run_uri!r} has no run id after its bucket or folder")
+            raise ConfigError(f"Run URI {run_uri!r} has no run id after its bucket or folder.")
         return cls(parent, run_id, storage_options, **kwargs)
 
     def __repr__(self) -> str:
@@ -175,11 +182,13 @@ class RunStore:
             dest = self.path(rel)
             if self._local:
                 tmp = self._tmp_path()
-                os.makedirs(os.path.dirname(tmp), exist_ok=True)
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                _makedirs_durably(os.path.dirname(tmp))
+                _makedirs_durably(os.path.dirname(dest))
                 try:
                     self.fs.put_file(local_path, tmp)
+                    _fsync_file(tmp)
                     os.replace(tmp, dest)
+                    _fsync_dir(os.path.dirname(dest))
                 finally:
                     _unlink_quietly(tmp)
             else:
@@ -189,25 +198,53 @@ class RunStore:
     def create_once(self, rel: str, data: bytes) -> bool:
         """Create `rel` with `data` unless it exists; True if this call created it.
 
-        If an attempt failed transiently and a retry then finds the object, it counts as
-        ours when its bytes equal `data` (the first PUT may have landed); so give
-        `data` something unique (a token) when two writers could race with equal bytes.
+        Also True when `rel` already holds exactly `data`: a conditional PUT whose response
+        was lost may have landed (and s3fs retries it internally, getting 412 for its own
+        first write), so on every "already exists" the object is read back and compared.
+        Callers must therefore make `data` unique to themselves (a uuid, a lock id) wherever
+        another writer could race with equal bytes.
         """
         data = bytes(data)
         dest = self.path(rel)
-        tried = [0]
 
         def op() -> bool:
-            tried[0] += 1
             try:
                 self._put(dest, data, exclusive=True)
                 return True
             except FileExistsError:
-                if tried[0] > 1 and self.fs.cat_file(dest) == data:
-                    return True
-                return False
+                return self._holds(dest, data)
 
         return self._retry("create", rel, op)
+
+    def prove_create_once(self) -> None:
+        """Refuse a store that silently overwrites on create-once (StorageError).
+
+        Creates a probe object twice with different bytes; the second create must be refused
+        and the first bytes must survive. S3-compatible stores that ignore `If-None-Match`,
+        and s3fs/botocore releases that drop it, fail here instead of double-committing later.
+        The probe is removed afterwards.
+        """
+        token = uuid.uuid4().hex
+        rel = f"{PROBE_DIR}/{token}"
+        first, second = f"probe {token} first".encode(), f"probe {token} second".encode()
+        try:
+            if not self.create_once(rel, first):
+                raise StorageError(f"storage {self._display(rel)} existed before its create-once probe, "
+                                   f"so create-once on {self.url()} cannot be proven")
+            overwritten = self.create_once(rel, second) or self.read(rel) != first
+            if overwritten:
+                raise StorageError(self._scrub(
+                    f"Storage {self.url()} ignores conditional writes (If-None-Match): a second "
+                    f"create-once of one object overwrote it, so exactly-once cannot be guaranteed "
+                    f"there (s3fs>={S3FS_CREATE_FLOOR} with botocore>={BOTOCORE_CREATE_FLOOR} "
+                    f"sends the condition; the store must honour it)."))
+        finally:
+            self.delete(rel)
+            if self._local:  # leave no empty probe folder in the run listing
+                try:
+                    os.rmdir(self.path(PROBE_DIR))
+                except OSError:
+                    pass
 
     def read(self, rel: str) -> bytes:
         return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel)))
@@ -256,18 +293,29 @@ class RunStore:
                 self.fs.pipe_file(dest, data)
             return
         # Local: write a temp file, then rename (overwrite) or hard-link (exclusive);
-        # both are atomic, so no reader ever sees a partial object.
+        # both are atomic, so no reader ever sees a partial object. The temp file is
+        # fsynced before the link or rename and the folder after it, so an object that
+        # counts (a commit marker, the lock) survives a power cut with its bytes.
         tmp = self._tmp_path()
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        _makedirs_durably(os.path.dirname(tmp))
+        _makedirs_durably(os.path.dirname(dest))
         try:
             self.fs.pipe_file(tmp, data)
+            _fsync_file(tmp)
             if exclusive:
                 os.link(tmp, dest)
             else:
                 os.replace(tmp, dest)
+            _fsync_dir(os.path.dirname(dest))
         finally:
             _unlink_quietly(tmp)
+
+    def _holds(self, dest: str, data: bytes) -> bool:
+        """True if `dest` exists with exactly `data` (a missing object holds nothing)."""
+        try:
+            return self.fs.cat_file(dest) == data
+        except FileNotFoundError:
+            return False
 
     def _scrub(self, text: str) -> str:
         for s in self._secrets:
@@ -309,6 +357,37 @@ class RunStore:
             return self.url("" if rel == "." else rel)
         except ValueError:
             return repr(rel)
+
+
+def _fsync_file(path: str) -> None:
+    # fsync through a read-only descriptor: Linux flushes the file's data whatever the mode
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the names in a folder (a rename, a link, a new subfolder) durable."""
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durably(path: str) -> None:
+    """`os.makedirs`, then fsync the parent of every folder it created."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    if not missing:
+        return
+    os.makedirs(missing[0], exist_ok=True)
+    for created in reversed(missing):
+        _fsync_dir(os.path.dirname(created))
 
 
 def _unlink_quietly(path: str) -> None:

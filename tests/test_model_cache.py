@@ -324,3 +324,63 @@ def test_cache_entry_name_is_readable_and_distinct():
 )
 def test_only_safe_file_kinds_are_fetched(rel, wanted):
     assert model_cache.is_wanted(rel) is wanted
+
+
+def _escape_keys(base_key: str, outside: Path) -> list[str]:
+    """Remote keys that would name files outside the cache entry if taken as local paths.
+    `outside` is absolute, so `{base_key}/{outside}/…` holds an empty segment and its tail is
+    an absolute path into this test's own folder (observable, and harmless)."""
+    return [
+        f"{base_key}/{outside}/abs.safetensors",
+        f"{base_key}//root-escape.json",
+        f"{base_key}/../escape.json",
+        f"{base_key}/a/../../escape2.safetensors",
+        f"{base_key}/sub//deep.json",
+        f"{base_key}/./dot.json",
+        f"{base_key}/a\\..\\b.json",
+    ]
+
+
+def _files_under(folder: Path) -> set:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.s3
+def test_hostile_remote_keys_never_write_outside_the_entry(
+    remote_model, s3_endpoint, s3_bucket, tmp_path, s3_storage_options, caplog
+):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing-key", aws_secret_access_key=PLANTED_SECRET)
+    base_key = remote_model.removeprefix(f"s3://{s3_bucket}/")
+    outside = tmp_path / "outside"
+    for key in _escape_keys(base_key, outside):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"escaped")
+    caplog.set_level(logging.WARNING, logger="cogview_ray")
+
+    folder = Path(ensure_local_model(remote_model, s3_storage_options, tmp_path / "cache"))
+    assert _wanted_files(folder) == _expected_files()  # the hostile keys were skipped
+    entry = folder.relative_to(tmp_path).as_posix()
+    assert _files_under(tmp_path) == {f"{entry}/{rel}" for rel in _files_under(folder)} | {
+        f"cache/.{folder.name}.lock"}
+    assert not outside.exists()
+    assert caplog.text.count("not a plain relative path") == 7
+
+
+@pytest.mark.s3
+def test_second_line_of_defence_refuses_an_escaping_key(
+    remote_model, s3_endpoint, s3_bucket, tmp_path, s3_storage_options, monkeypatch
+):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing-key", aws_secret_access_key=PLANTED_SECRET)
+    outside = tmp_path / "outside"
+    client.put_object(Bucket=s3_bucket, Key=f"{remote_model.removeprefix(f's3://{s3_bucket}/')}/{outside}/abs.json",
+                      Body=b"escaped")
+    monkeypatch.setattr(model_cache, "_is_confined", lambda rel: True)  # as if the key check missed it
+    with pytest.raises(ModelCacheError, match="outside the cache entry"):
+        ensure_local_model(remote_model, s3_storage_options, tmp_path / "cache")
+    assert not outside.exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []

@@ -1,4 +1,5 @@
 """Planning: listing, shard boundaries and ids, limits, fingerprints, bad files, footer-only reads."""
+import hashlib
 import json
 import os
 import pickle
@@ -14,7 +15,19 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from cogview_ray.config import DatasetConfig
-from cogview_ray.shards import DatasetError, Shard, diff_fingerprints, list_input_files, plan_shards
+from tests.conftest import PLANTED_SECRET
+from cogview_ray import shards as shards_module
+from cogview_ray.shards import (
+    DatasetError,
+    FileVersion,
+    InputChanged,
+    Shard,
+    check_file_version,
+    diff_fingerprints,
+    file_version,
+    open_planned,
+    plan_shards,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -94,8 +107,9 @@ def test_folder_of_files(tmp_path):
     assert [s.num_rows for s in shards] == [10, 10, 10, 5, 3]
     assert [f["path"] for f in fp["files"]] == ["a.parquet", "b.parquet", "sub/c.parquet"]
     assert fp["num_rows"] == fp["planned_rows"] == 38 and fp["num_files"] == 3
-    assert list_input_files(str(data), FS) == [str(data / "a.parquet"), str(data / "b.parquet"),
-                                               str(data / "sub" / "c.parquet")]
+    # shards name their files as the filesystem does, in sorted order
+    assert list(dict.fromkeys(s.file for s in shards)) == [
+        str(data / "a.parquet"), str(data / "b.parquet"), str(data / "sub" / "c.parquet")]
 
 
 def test_glob_and_single_file(tmp_path):
@@ -163,7 +177,7 @@ def test_fingerprint_is_json_and_detects_changes(tmp_path):
     write_prompts(data / "b.parquet", 10)
     _, fp = plan(data)
     assert json.loads(json.dumps(fp)) == fp
-    assert set(fp["files"][0]) == {"path", "size", "footer_sha256", "num_rows"}
+    assert set(fp["files"][0]) == {"path", "size", "sha256", "num_rows"}
 
     # moving the whole dataset changes nothing, even with fresh mtimes (as `ray job submit
     # --working-dir` unpacks files)
@@ -181,19 +195,119 @@ def test_fingerprint_is_json_and_detects_changes(tmp_path):
     assert changed != fp
     lines = diff_fingerprints(fp, changed)
     assert lines and all(line.startswith("a.parquet: ") for line in lines)
-    assert any("footer_sha256" in line for line in lines)
+    assert any("sha256" in line for line in lines)
 
     write_prompts(data / "c.parquet", 1)
     assert "c.parquet: added" in diff_fingerprints(changed, plan(data)[1])
 
 
-def test_fingerprint_prefers_etag_else_footer_digest(tmp_path):
-    from cogview_ray.shards import _file_version
+def test_file_version_prefers_version_id_then_etag_else_content(tmp_path):
+    path = str(write_prompts(tmp_path / "a.parquet", 3))
+    memory = fsspec.filesystem("memory")
+    assert file_version("x", memory, {"size": 5, "ETag": '"abc"', "mtime": 5}) == FileVersion(5, etag="abc")
+    both = file_version("x", memory, {"size": 5, "ETag": '"abc"', "VersionId": "v1"})
+    assert both == FileVersion(5, version_id="v1", etag="abc") and both.identity() == {"version_id": "v1"}
+    assert file_version("x", memory, {"size": 5, "ETag": "abc", "VersionId": "null"}).identity() == {"etag": "abc"}
+    data = open(path, "rb").read()
+    local = file_version(path, FS)
+    assert local == FileVersion(len(data), sha256=hashlib.sha256(data).hexdigest())
+    memory.pipe_file("/m/a.parquet", data)  # no ETag, no version: the content, streamed
+    assert file_version("/m/a.parquet", memory).identity() == local.identity()
 
-    meta = pq.read_metadata(write_prompts(tmp_path / "a.parquet", 3))
-    assert _file_version({"ETag": '"abc"', "mtime": 5}, meta) == {"etag": "abc"}
-    version = _file_version({"mtime": 12.5}, meta)
-    assert set(version) == {"footer_sha256"} and version == _file_version({"mtime": 99.0}, meta)
+
+def _footer(path) -> bytes:
+    blob = path.read_bytes()
+    return blob[-8 - int.from_bytes(blob[-8:-4], "little"):]
+
+
+def _edit_in_place(path, old: bytes, new: bytes) -> None:
+    """Overwrite bytes inside the file without changing its size, as an editor or `dd` would."""
+    assert len(old) == len(new)
+    blob = path.read_bytes()
+    at = blob.index(old)
+    stat = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(new)
+    # a real edit moves the mtime; make sure it does even on a coarse-clock filesystem
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+def _plain_prompts(path, prompts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"prompt": prompts}), path, compression="none", use_dictionary=False)
+    return path
+
+
+def test_same_size_in_place_edit_changes_the_fingerprint(tmp_path):
+    path = _plain_prompts(tmp_path / "data" / "a.parquet", [f"a red fox number {i}" for i in range(10)])
+    _, before = plan(tmp_path / "data")
+    footer, size = _footer(path), path.stat().st_size
+    _edit_in_place(path, b"a red fox number 5", b"a tan cat number 5")
+    assert _footer(path) == footer and path.stat().st_size == size  # a footer digest would miss it
+    _, after = plan(tmp_path / "data")
+    assert after != before
+    lines = diff_fingerprints(before, after)
+    assert len(lines) == 1 and lines[0].startswith("a.parquet: sha256 ") and "size" not in lines[0]
+    assert before["files"][0]["sha256"] in lines[0] and after["files"][0]["sha256"] in lines[0]
+
+
+def test_content_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    path = _plain_prompts(tmp_path / "a.parquet", [f"p{i}" for i in range(100)])
+    calls = []
+    real = shards_module._sha256_stream
+    monkeypatch.setattr(shards_module, "_sha256_stream", lambda f: calls.append(1) or real(f))
+    shards, _ = plan(path, shard_size=10)
+    assert len(shards) == 10 and len(calls) == 1
+    for shard in shards:  # a worker checking every shard of the file reads it no more
+        check_file_version(shard, FS)
+    plan(path, shard_size=10)
+    assert len(calls) == 1
+    os.utime(path, ns=(1, 1))  # a new (path, size, mtime): digest again
+    plan(path, shard_size=10)
+    assert len(calls) == 2
+
+
+def test_old_fingerprint_format_is_explained_in_one_line(tmp_path):
+    _, fp = plan(write_prompts(tmp_path / "a.parquet", 3))
+    old = {**fp, "version": 2, "files": [{"path": "a.parquet", "size": 1, "footer_sha256": "x", "num_rows": 3}]}
+    assert diff_fingerprints(old, fp) == [
+        "fingerprint format 2 -> 3 (the input was fingerprinted by another cogview-ray version; start a new run)"]
+
+
+# ---------------------------------------------------------------- reading the planned version
+
+
+def _read_prompts(shard, fs):
+    with open_planned(shard, fs) as f:
+        return pq.ParquetFile(f).read().column("prompt").to_pylist()
+
+
+def test_workers_refuse_an_edited_or_replaced_file(tmp_path):
+    path = _plain_prompts(tmp_path / "a.parquet", [f"a red fox number {i}" for i in range(10)])
+    shards, fp = plan(path, shard_size=4)
+    assert all(s.file_version == FileVersion(fp["files"][0]["size"], sha256=fp["files"][0]["sha256"])
+               for s in shards)
+    check_file_version(shards[0], FS)
+    assert _read_prompts(shards[0], FS)[5] == "a red fox number 5"
+
+    _edit_in_place(path, b"a red fox number 5", b"a tan cat number 5")
+    for attempt in (lambda: check_file_version(shards[1], FS), lambda: _read_prompts(shards[1], FS)):
+        with pytest.raises(InputChanged) as info:
+            attempt()
+        message = str(info.value)
+        assert str(path) in message and "sha256" in message and "\n" not in message
+        assert info.value.reason == "input_changed" and isinstance(info.value, DatasetError)
+
+    replacement = _plain_prompts(tmp_path / "new.parquet", [f"a red fox number {i}" for i in range(10)])
+    os.replace(replacement, path)  # back to the planned bytes under a new inode: accepted
+    check_file_version(shards[2], FS)
+    assert _read_prompts(shards[2], FS)[5] == "a red fox number 5"
+    path.unlink()
+    with pytest.raises(InputChanged, match="no longer exists"):
+        check_file_version(shards[2], FS)
+    # shards planned before versions were recorded are read as before
+    assert Shard("f00000-000000", str(path), 0, 0, 1).file_version is None
 
 
 # ---------------------------------------------------------------- bad input
@@ -287,7 +401,10 @@ def test_million_rows_planned_from_footer_only(tmp_path):
 
     assert len(shards) == 1000 and sum(s.num_rows for s in shards) == num_rows == fp["num_rows"]
     assert shards[-1].shard_id == "f00000-000999" and shards[-1].row_stop == num_rows
-    assert fs.bytes_read < 256 * 1024, fs.bytes_read  # the footer, nothing of the 200 MB column
+    # pyarrow read the footer, nothing of the 200 MB column; the content digest streams the
+    # file once through the OS in 256 KiB reads (not counted here), so memory stays flat
+    assert fs.bytes_read < 256 * 1024, fs.bytes_read
+    assert fp["files"][0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert fs.bytes_read < file_size / 500
     assert peak < prompt_column_bytes / 100, peak  # < 2 MB of Python memory for 1000 shards
     assert elapsed_s < 20, elapsed_s
@@ -322,3 +439,49 @@ def test_plan_and_read_on_s3(s3_bucket, s3_storage_options):
     fs.pipe_file(f"{s3_bucket}/in/part-1.parquet", fs.cat_file(f"{s3_bucket}/in/part-0.parquet"))
     fs.invalidate_cache()
     assert any("etag" in line for line in diff_fingerprints(fp, plan_shards(cfg, fs)[1]))
+
+
+@pytest.mark.s3
+def test_s3_etag_pins_the_planned_object(s3_bucket, s3_storage_options):
+    fs = fsspec.filesystem("s3", **s3_storage_options)
+    key = f"{s3_bucket}/in/a.parquet"
+    with fs.open(key, "wb") as f:
+        pq.write_table(pa.table({"prompt": [f"a red fox number {i}" for i in range(10)]}), f,
+                       compression="none", use_dictionary=False)
+    shards, fp = plan_shards(DatasetConfig(uri=f"s3://{key}", shard_size=5), fs)
+    etag = fp["files"][0]["etag"]
+    assert etag and shards[0].file_version.etag == etag and shards[0].file_version.sha256 is None
+    check_file_version(shards[0], fs)
+    assert _read_prompts(shards[0], fs)[5] == "a red fox number 5"
+
+    blob = fs.cat_file(key)
+    fs.pipe_file(key, blob.replace(b"a red fox number 5", b"a tan cat number 5"))  # same size
+    for attempt in (lambda: check_file_version(shards[1], fs), lambda: _read_prompts(shards[1], fs)):
+        with pytest.raises(InputChanged, match=r"a\.parquet changed since the run was planned \(etag "):
+            attempt()
+    fs.rm_file(key)
+    with pytest.raises(InputChanged, match="no longer exists"):
+        check_file_version(shards[1], fs)
+
+
+@pytest.mark.s3
+def test_s3_version_id_opens_the_planned_version(s3_endpoint, s3_bucket, s3_storage_options):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing-key",
+                 aws_secret_access_key=PLANTED_SECRET).put_bucket_versioning(
+        Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    fs = fsspec.filesystem("s3", version_aware=True, **s3_storage_options)
+    key = f"{s3_bucket}/in/a.parquet"
+    with fs.open(key, "wb") as f:
+        pq.write_table(pa.table({"prompt": ["planned"] * 3}), f)
+    shards, fp = plan_shards(DatasetConfig(uri=f"s3://{s3_bucket}/in/*.parquet"), fs)
+    version_id = fp["files"][0]["version_id"]
+    assert version_id and shards[0].file_version.version_id == version_id
+    with fs.open(key, "wb") as f:
+        pq.write_table(pa.table({"prompt": ["edited"] * 3}), f)
+    with pytest.raises(InputChanged, match="version_id"):
+        check_file_version(shards[0], fs)  # the latest object is another version ...
+    assert _read_prompts(shards[0], fs) == ["planned"] * 3  # ... but the planned one is read
+    plain = fsspec.filesystem("s3", **s3_storage_options)  # not version aware: a twin opens it
+    assert _read_prompts(shards[0], plain) == ["planned"] * 3

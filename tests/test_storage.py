@@ -1,9 +1,14 @@
 """RunStore: confinement to the run prefix, create-once, retries, no leaked secrets."""
 import errno
+import os
 import pickle
+import stat
 import threading
 
+import fsspec
 import pytest
+from fsspec.implementations.dirfs import DirFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from cogview_ray.storage import RetryPolicy, RunStore, StorageError, check_relative, is_transient
 from tests.conftest import PLANTED_SECRET
@@ -39,6 +44,44 @@ class FlakyFS:
             return target(*args, **kwargs)
 
         return call
+
+
+class CreateIgnoringFS(DirFileSystem):
+    """A store double that, like some S3-compatible services, ignores create-only writes."""
+
+    protocol = "ignores-create"
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        return super().pipe_file(path, value, **kwargs)  # `mode` dropped: a plain PUT
+
+    def put_file(self, lpath, rpath, mode="overwrite", **kwargs):
+        return super().put_file(lpath, rpath, **kwargs)
+
+
+class LostReplyFS(DirFileSystem):
+    """A store double whose first create-only write lands, then reports 'already exists'
+    (s3fs retried a PUT whose reply was lost and got 412 for its own first write)."""
+
+    protocol = "lost-reply"
+    lost = 1
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        result = super().pipe_file(path, value, mode=mode, **kwargs)
+        if mode == "create" and LostReplyFS.lost > 0:
+            LostReplyFS.lost -= 1
+            raise FileExistsError(path)
+        return result
+
+
+# Registered here, not in the product: only tests may name these doubles.
+fsspec.register_implementation(CreateIgnoringFS.protocol, CreateIgnoringFS, clobber=True)
+fsspec.register_implementation(LostReplyFS.protocol, LostReplyFS, clobber=True)
+
+
+def double_store(cls, tmp_path, **kwargs):
+    (tmp_path / "backing").mkdir(exist_ok=True)
+    options = {"path": str(tmp_path / "backing"), "fs": LocalFileSystem(auto_mkdir=True)}
+    return RunStore(f"{cls.protocol}://out", "run1", options, **kwargs)
 
 
 def make_store(kind, request, tmp_path, **kwargs):
@@ -226,3 +269,90 @@ def test_from_run_uri_and_pickle(tmp_path):
     assert clone.read("x/y.txt") == b"hi"
     with pytest.raises(ValueError):
         RunStore.from_run_uri("s3://bucket-only")
+
+
+# ---------------------------------------------------------------- create-once proven
+
+
+def test_prove_create_once_passes_on_honest_stores(store):
+    store.prove_create_once()
+    assert store.list("") == []  # the probe is gone, folder included
+    assert store.create_once("_LOCK", b"mine") is True  # the store still works afterwards
+
+
+def test_prove_create_once_refuses_a_store_that_overwrites(tmp_path):
+    store = double_store(CreateIgnoringFS, tmp_path, retry=FAST)
+    assert store.create_once("a.json", b"one") is True
+    assert store.create_once("a.json", b"two") is True  # the silent overwrite the probe exists for
+    assert store.read("a.json") == b"two"
+    with pytest.raises(StorageError) as info:
+        store.prove_create_once()
+    message = str(info.value)
+    assert "ignores-create://out/run1" in message and "If-None-Match" in message
+    assert "exactly-once cannot be guaranteed" in message and "\n" not in message
+    # the probe object was removed (this local-backed double may keep its empty folder)
+    assert [p.name for p in (tmp_path / "backing" / "out" / "run1").rglob("*") if p.is_file()] == ["a.json"]
+
+
+def test_create_once_recognises_its_own_write_on_the_first_try(tmp_path):
+    LostReplyFS.lost = 1
+    store = double_store(LostReplyFS, tmp_path, retry=FAST)
+    assert store.create_once("_LOCK", b"lock 6f1c") is True  # landed, reply said 412
+    assert LostReplyFS.lost == 0
+    LostReplyFS.lost = 1
+    assert store.create_once("_LOCK", b"lock 9a2e") is False  # someone else's bytes
+    assert store.read("_LOCK") == b"lock 6f1c"
+
+
+@pytest.mark.s3
+def test_create_once_lost_reply_on_s3(s3_bucket, s3_storage_options):
+    store = RunStore(f"s3://{s3_bucket}/out", "run1", s3_storage_options, retry=FAST)
+    flaky = FlakyFS(store.fs, error=lambda: FileExistsError("412 Precondition Failed"), land=True)
+    store.fs = flaky
+    flaky.fail = {"pipe_file": 1}
+    assert store.create_once("commits/00007.json", b"marker 7 attempt 1") is True
+    assert flaky.calls["pipe_file"] == 1  # decided on the first try, no blind retry
+    flaky.fail = {"pipe_file": 1}
+    assert store.create_once("commits/00007.json", b"marker 7 attempt 2") is False
+    assert store.read("commits/00007.json") == b"marker 7 attempt 1"
+
+
+# ---------------------------------------------------------------- durability
+
+
+def _record_fsyncs(monkeypatch, watch):
+    """Replace os.fsync; log (path, is_dir, `watch` existed at that moment) per call."""
+    calls = []
+    real = os.fsync
+
+    def fake(fd):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), stat.S_ISDIR(os.fstat(fd).st_mode),
+                      os.path.exists(watch)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fake)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["create_once", "write", "upload"])
+def test_local_writes_are_fsynced_before_they_count(tmp_path, monkeypatch, how):
+    store = RunStore(str(tmp_path / "out"), "run1", retry=FAST)
+    dest = tmp_path / "out" / "run1" / "commits" / "00001.json"
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"marker")
+    calls = _record_fsyncs(monkeypatch, str(dest))
+    if how == "create_once":
+        assert store.create_once("commits/00001.json", b"marker") is True
+    elif how == "write":
+        store.write("commits/00001.json", b"marker")
+    else:
+        store.upload("commits/00001.json", str(source))
+    assert dest.read_bytes() == b"marker"
+    files = [c for c in calls if not c[1]]
+    folders = [c for c in calls if c[1]]
+    # the temp file's bytes were flushed while the object did not exist yet ...
+    assert len(files) == 1 and "/.tmp/" in files[0][0] and files[0][2] is False
+    # ... and the folder holding the new name after the rename or link
+    assert (str(dest.parent), True, True) in folders
+    # the new folders `commits/` and `.tmp/` were made durable in their parents
+    assert any(path == str(dest.parent.parent) for path, _, _ in folders)
