@@ -12,10 +12,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogview_ray.shards import DatasetError, Shard, is_string_type
+from cogview_ray.records import Reason, RenderParams, Status
+from cogview_ray.errors import DatasetError, first_line
+from cogview_ray.shards import Shard, is_string_type, open_planned
 
 MAX_SEED = 2**63 - 1
-MIN_SIZE_PX, MAX_SIZE_PX, SIZE_MULTIPLE_PX = 16, 2048, 16
 MAX_STEPS = 1000
 MAX_ID_CHARS = 256
 OVERRIDE_COLUMNS = ("seed", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale")
@@ -33,20 +34,15 @@ _INVALID = object()  # a value that could not be decoded (invalid UTF-8)
 
 
 @dataclass(frozen=True)
-class RowSpec:
+class RowSpec(RenderParams):
+    """One input row after validation: its render parameters (RenderParams' fields), then these."""
+
     row_id: str
     key: Optional[str]  # object-safe key; None for rejected rows (they write nothing)
-    prompt: Optional[str]
-    negative_prompt: Optional[str]
-    seed: Optional[int]
-    height: Optional[int]
-    width: Optional[int]
-    num_inference_steps: Optional[int]
-    guidance_scale: Optional[float]
     file: str
     row_index: int  # row number within the file
-    status: str  # "pending" | "rejected"
-    reason: Optional[str]
+    status: Status  # pending | rejected
+    reason: Optional[Reason]
 
 
 def derived_id(file_index: int, row_index: int) -> str:
@@ -78,7 +74,7 @@ def group_for_render(rows: list[RowSpec]) -> dict[tuple[int, int, int, float], l
     """Pending rows by (height, width, steps, guidance), groups and rows in input order."""
     groups: dict[tuple[int, int, int, float], list[RowSpec]] = {}
     for row in rows:
-        if row.status == "pending":
+        if row.status == Status.PENDING:
             key = (row.height, row.width, row.num_inference_steps, row.guidance_scale)
             groups.setdefault(key, []).append(row)
     return groups
@@ -87,15 +83,34 @@ def group_for_render(rows: list[RowSpec]) -> dict[tuple[int, int, int, float], l
 # ---------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class SizeLimits:
+    """The sizes a loaded pipeline renders: multiples of `multiple_px` up to `max_px`."""
+
+    multiple_px: int
+    max_px: int
+
+    @classmethod
+    def of(cls, pipeline: Any) -> "SizeLimits":
+        return cls(int(pipeline.size_multiple), int(pipeline.max_size_px))
+
+    def allows(self, size: int) -> bool:
+        return self.multiple_px <= size <= self.max_px and size % self.multiple_px == 0
+
+
 def read_shard_rows(shard: Shard, dataset_cfg: Any, render_cfg: Any,
-                    fs: Optional[fsspec.AbstractFileSystem] = None) -> list[RowSpec]:
-    """Exactly one RowSpec per row of the shard, in row order; only the needed columns are read."""
+                    fs: Optional[fsspec.AbstractFileSystem] = None,
+                    limits: Optional[SizeLimits] = None) -> list[RowSpec]:
+    """Exactly one RowSpec per row of the shard, in row order; only the needed columns are read.
+
+    Sizes are checked against `limits` (the loaded pipeline's); without them, any positive size
+    passes. The file is read at its planned version (InputChanged otherwise)."""
     if fs is None:
         fs, _ = fsspec.core.url_to_fs(dataset_cfg.uri)
     prompt_col, id_col = dataset_cfg.prompt_column, dataset_cfg.id_column
     where = f"Dataset file {shard.file} rows {shard.row_start}-{shard.row_stop}"
     try:
-        with fs.open(shard.file, "rb") as f:
+        with open_planned(shard, fs) as f:
             pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
             names = pf.schema_arrow.names
             for col, what in ((prompt_col, "prompt"), (id_col, "id")):
@@ -112,11 +127,11 @@ def read_shard_rows(shard: Shard, dataset_cfg: Any, render_cfg: Any,
     except FileNotFoundError:
         raise DatasetError(f"{where}: the file does not exist.") from None
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise DatasetError(f"{where} could not be read ({_first_line(e)}).") from None
+        raise DatasetError(f"{where} could not be read ({first_line(e)}).") from None
     if table.num_rows != shard.num_rows:
         raise DatasetError(f"{where}: read {table.num_rows} rows instead of {shard.num_rows}.")
     values = {name: _column_values(table.column(name)) for name in columns}
-    return _validate_rows(shard, values, prompt_col, id_col, render_cfg)
+    return _validate_rows(shard, values, prompt_col, id_col, render_cfg, limits)
 
 
 def _read_range(pf: pq.ParquetFile, columns: list[str], start: int, stop: int) -> pa.Table:
@@ -166,16 +181,11 @@ def _decode(raw: bytes) -> Any:
         return _INVALID
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 # ---------------------------------------------------------------- validation
 
 
 def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_col: Optional[str],
-                   render_cfg: Any) -> list[RowSpec]:
+                   render_cfg: Any, limits: Optional[SizeLimits] = None) -> list[RowSpec]:
     n = shard.num_rows
 
     def column(name: str) -> list:  # absent override columns read as all-null
@@ -191,14 +201,14 @@ def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_co
     rows = []
     for i in range(n):
         row_index = shard.row_start + i
-        reasons: list[str] = []
+        reasons: list[Reason] = []
 
         if id_col:
             row_id, id_ok = _parse_id(ids[i])
             if not id_ok:
-                reasons.append("bad_id")
+                reasons.append(Reason.BAD_ID)
             elif row_id in seen:
-                reasons.append("duplicate_id")
+                reasons.append(Reason.DUPLICATE_ID)
             else:
                 seen.add(row_id)
         else:
@@ -206,34 +216,34 @@ def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_co
 
         prompt = prompts[i]
         if prompt is not None and not isinstance(prompt, str):
-            reasons.append("bad_prompt")
+            reasons.append(Reason.BAD_PROMPT)
             prompt = None
         elif prompt is None or not prompt.strip():
-            reasons.append("empty_prompt")
+            reasons.append(Reason.EMPTY_PROMPT)
 
         negative = negatives[i]
         if negative is None:
             negative = render_cfg.negative_prompt
         elif not isinstance(negative, str):
-            reasons.append("bad_negative_prompt")
+            reasons.append(Reason.BAD_NEGATIVE_PROMPT)
             negative = None
 
-        height = _parse_size(heights[i], render_cfg.height)
-        width = _parse_size(widths[i], render_cfg.width)
+        height = _parse_size(heights[i], render_cfg.height, limits)
+        width = _parse_size(widths[i], render_cfg.width, limits)
         if height is None or width is None:
-            reasons.append("bad_size")
+            reasons.append(Reason.BAD_SIZE)
         num_steps = _parse_steps(steps[i], render_cfg.num_inference_steps)
         if num_steps is None:
-            reasons.append("bad_steps")
+            reasons.append(Reason.BAD_STEPS)
         guidance = _parse_guidance(guidances[i], render_cfg.guidance_scale)
         if guidance is None:
-            reasons.append("bad_guidance")
+            reasons.append(Reason.BAD_GUIDANCE)
         if seeds[i] is None:
             seed = derive_seed(render_cfg.seed, row_id) if id_ok else None
         else:
             seed = _parse_seed(seeds[i])
             if seed is None:
-                reasons.append("bad_seed")
+                reasons.append(Reason.BAD_SEED)
 
         reason = reasons[0] if reasons else None
         rows.append(RowSpec(
@@ -248,7 +258,7 @@ def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_co
             guidance_scale=guidance,
             file=shard.file,
             row_index=row_index,
-            status="rejected" if reason else "pending",
+            status=Status.REJECTED if reason else Status.PENDING,
             reason=reason,
         ))
     return rows
@@ -276,9 +286,9 @@ def _as_int(value: Any) -> Optional[int]:
     return None
 
 
-def _parse_size(value: Any, default: int) -> Optional[int]:
+def _parse_size(value: Any, default: int, limits: Optional[SizeLimits]) -> Optional[int]:
     size = default if value is None else _as_int(value)
-    if size is None or not MIN_SIZE_PX <= size <= MAX_SIZE_PX or size % SIZE_MULTIPLE_PX:
+    if size is None or size < 1 or (limits is not None and not limits.allows(size)):
         return None
     return size
 

@@ -14,16 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import RunConfig, storage_options_for
-from .faults import FaultPlan
-from .manifest import RowRecord, ShardResult
+from . import layout
+from .config import RunConfig
+from .credentials import storage_options_for
+from .errors import ConfigError, first_line
+from .hooks import load_hooks
 from .model.loading import CheckpointError
-from .rows import RowSpec, group_for_render, read_shard_rows
+from .records import Reason, RowRecord, ShardResult, Status
+from .rows import RowSpec, SizeLimits, group_for_render, read_shard_rows
 from .shards import Shard
 from .sinks import encode_image, make_sink, sha256_hex
 from .storage import RunStore, open_filesystem
-
-CLAIMS_DIR = "ids"
 
 
 def resolve_model_path(model_path: str, storage_options: Optional[dict] = None) -> str:
@@ -59,8 +60,8 @@ def resolve_model_path(model_path: str, storage_options: Optional[dict] = None) 
 class _Rendered:
     row: RowSpec
     image: object  # uint8 HWC array, or None
-    status: str
-    reason: Optional[str]
+    status: Status
+    reason: Optional[Reason]
     truncated: bool
     timings: dict
 
@@ -71,31 +72,38 @@ class RenderWorker:
     def __init__(self, cfg: RunConfig, run_id: str, worker_id: str):
         import torch
 
-        from .model.pipeline import CogView3PlusPipeline
+        from .model import load_pipeline
 
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
         t0 = time.perf_counter()
         self.cfg, self.run_id, self.worker_id = cfg, run_id, worker_id
-        self.faults = FaultPlan.from_env()
-        self.faults.trace("init", worker_id=worker_id)
+        # first: a test's hooks register the filesystems (faulty://) that the rest opens
+        self.hooks = load_hooks()
+        self.hooks.worker_started(worker_id)
         threads = max(1, int(cfg.workers.cpus_per_worker))
         torch.set_num_threads(threads)
         local = resolve_model_path(cfg.model.path, storage_options_for(cfg.model.path, cfg))
         try:
-            self.pipe = CogView3PlusPipeline.from_pretrained(
+            self.pipe = load_pipeline(
                 local, device=cfg.model.device, dtype=cfg.model.dtype, compile=cfg.model.compile)
         except CheckpointError:
             raise
         except Exception as e:  # e.g. a corrupt safetensors file: say which checkpoint
             raise CheckpointError(f"Checkpoint {cfg.model.path} could not be loaded "
-                                  f"({type(e).__name__}: {_first_line(e)}).") from None
+                                  f"({type(e).__name__}: {first_line(e)}).") from None
+        self.pipe = self.hooks.wrap_pipeline(self.pipe)
+        self.limits = SizeLimits.of(self.pipe)
+        r = cfg.render
+        if not (self.limits.allows(r.height) and self.limits.allows(r.width)):
+            raise ConfigError(f"render.height and render.width ({r.height}x{r.width}) must be multiples of "
+                              f"{self.limits.multiple_px} px up to {self.limits.max_px} px for "
+                              f"{self.pipe.identity['family']}.")
         self.model_hash = self.pipe.identity["config_hash"]
         self.load_s = time.perf_counter() - t0
         self.compile_s = 0.0
         if cfg.model.compile != "none":
-            r = cfg.render
             self.compile_s = self.pipe.warmup(r.height, r.width, r.batch_size, num_inference_steps=2,
                                               guidance_scale=r.guidance_scale,
                                               max_sequence_length=r.max_sequence_length)
@@ -104,11 +112,12 @@ class RenderWorker:
         self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         self.store = RunStore(cfg.output.uri, run_id, cfg.output.storage_options)
         self.fs, _ = open_filesystem(cfg.dataset.uri, storage_options_for(cfg.dataset.uri, cfg))
-        self.faults.trace("ready", worker_id=worker_id)
+        self.hooks.worker_ready(worker_id)
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "node": self.node, "device": self.device_name,
-                "pid": os.getpid(), "load_s": self.load_s, "compile_s": self.compile_s}
+                "pid": os.getpid(), "load_s": self.load_s, "compile_s": self.compile_s,
+                "family": self.pipe.identity["family"], "limits": self.limits}
 
     # -- one shard ------------------------------------------------------------------------
 
@@ -116,11 +125,11 @@ class RenderWorker:
         started = time.time()
         queue_s = max(0.0, started - submitted_at)
         cfg = self.cfg
-        self.faults.trace("shard", worker_id=self.worker_id, shard=shard.shard_id, attempt=attempt)
-        rows = read_shard_rows(shard, cfg.dataset, cfg.render, self.fs)
+        self.hooks.shard_started(shard.shard_id, attempt)
+        rows = read_shard_rows(shard, cfg.dataset, cfg.render, self.fs, self.limits)
         if cfg.dataset.id_column:
             rows = [self._claim(shard, r) for r in rows]
-        self.faults.before_shard(rows)
+        self.hooks.before_shard(shard.shard_id, rows)
         rendered: list[_Rendered] = [
             _Rendered(r, None, "rejected", r.reason, False, {}) for r in rows if r.status == "rejected"]
         sink = make_sink(cfg.output.format, self.store, shard.shard_id, cfg.output.image_format)
@@ -150,7 +159,7 @@ class RenderWorker:
             return row
         owner = json.dumps({"id": row.row_id, "file": shard.file, "row_index": row.row_index},
                            sort_keys=True).encode()
-        rel = f"{CLAIMS_DIR}/{row.key}.json"
+        rel = layout.claim(row.key)
         if self.store.create_once(rel, owner) or self.store.read(rel) == owner:
             return row
         return _replace(row, status="rejected", reason="duplicate_id")
@@ -159,13 +168,13 @@ class RenderWorker:
         """Render one batch; on device OOM split it in halves, down to single rows."""
         import torch
 
-        from .model.pipeline import to_uint8_hwc
+        from .model import to_uint8_hwc
 
         # no padding of a partial batch: the pipeline runs one item per forward, so the compiled
         # graphs see the same shapes whatever the batch size
         n = len(batch)
         try:
-            self.faults.before_batch(batch)
+            self.hooks.before_batch(batch)
             res = self.pipe.generate([r.prompt for r in batch], [r.seed for r in batch], h, w,
                                      num_inference_steps=steps, guidance_scale=guidance,
                                      negative_prompt=[r.negative_prompt for r in batch],
@@ -178,9 +187,9 @@ class RenderWorker:
             half = n // 2
             return (self._render_batch(batch[:half], h, w, steps, guidance)
                     + self._render_batch(batch[half:], h, w, steps, guidance))
-        self.faults.trace("rendered", worker_id=self.worker_id, rows=[[r.file, r.row_index] for r in batch])
+        self.hooks.after_batch(batch)
         images = to_uint8_hwc(res.images[:n])
-        finite = self.faults.finite(batch, res.finite[:n])
+        finite = res.finite[:n]
         share = {k: v / n for k, v in res.timings_s.items()}
         out = []
         for i, r in enumerate(batch):
@@ -195,32 +204,23 @@ class RenderWorker:
         data = encode_image(out.image, cfg.image_format, cfg.quality)
         t1 = time.perf_counter()
         r = out.row
-        meta = {"id": r.row_id, "prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": r.seed,
-                "height": r.height, "width": r.width, "num_inference_steps": r.num_inference_steps,
-                "guidance_scale": r.guidance_scale}
-        key = sink.add(r.key, data, meta)
+        # the container's per-sample metadata: id and render parameters (sorted by meta_json)
+        key = sink.add(r.key, data, {"id": r.row_id, **r.render_params()})
         return r.row_index, (key, len(data), sha256_hex(data), t1 - t0, time.perf_counter() - t1)
 
     def _record(self, shard: Shard, out: _Rendered, attempt: int, queue_s: float, written) -> RowRecord:
-        r, t = out.row, out.timings
-        rec = RowRecord(
-            run_id=self.run_id, shard_id=shard.shard_id, id=r.row_id, file=r.file, row_index=r.row_index,
-            prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, height=r.height, width=r.width,
-            num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale, status=out.status,
-            reason=out.reason, queue_s=queue_s, text_encoding_s=t.get("text_encoding"),
-            denoising_s=t.get("denoising"), decoding_s=t.get("decoding"), worker_id=self.worker_id,
-            node=self.node, device=self.device_name, attempt=attempt, model_path=self.cfg.model.path,
-            model_hash=self.model_hash, prompt_truncated=out.truncated)
+        t, reason, image = out.timings, out.reason, {}
         if written is not None:
-            rec.key, rec.bytes, rec.sha256, rec.image_encoding_s, rec.writing_s = written
+            key, n_bytes, sha256, encoding_s, writing_s = written
+            image = dict(key=key, bytes=n_bytes, sha256=sha256, image_encoding_s=encoding_s, writing_s=writing_s)
             if out.truncated:
-                rec.reason = "prompt_truncated"
-        return rec
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+                reason = Reason.PROMPT_TRUNCATED
+        return RowRecord.from_spec(
+            out.row, run_id=self.run_id, shard_id=shard.shard_id, status=out.status, reason=reason,
+            queue_s=queue_s, text_encoding_s=t.get("text_encoding"), denoising_s=t.get("denoising"),
+            decoding_s=t.get("decoding"), worker_id=self.worker_id, node=self.node, device=self.device_name,
+            attempt=attempt, model_path=self.cfg.model.path, model_hash=self.model_hash,
+            prompt_truncated=out.truncated, **image)
 
 
 def _replace(row: RowSpec, **changes) -> RowSpec:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from cogview_ray.config import DatasetConfig, RenderConfig
 from cogview_ray.rows import (
+    SizeLimits,
     MAX_SEED,
     RowSpec,
     derive_seed,
@@ -27,6 +28,7 @@ from cogview_ray.shards import Shard, plan_shards
 pytestmark = pytest.mark.timeout(240)
 
 FS = fsspec.filesystem("file")
+LIMITS = SizeLimits(multiple_px=16, max_px=2048)  # CogView3-Plus's
 RENDER = RenderConfig(height=128, width=128, num_inference_steps=4, guidance_scale=3.0,
                       negative_prompt="blurry", seed=7)
 REASONS = {"empty_prompt", "bad_prompt", "bad_negative_prompt", "bad_size", "bad_steps", "bad_guidance",
@@ -37,7 +39,7 @@ def rows_of(path, table, render=RENDER, shard_size=1000, **dataset):
     pq.write_table(table, path)
     cfg = DatasetConfig(uri=str(path), shard_size=shard_size, **dataset)
     shards, _ = plan_shards(cfg, FS)
-    return [row for shard in shards for row in read_shard_rows(shard, cfg, render, FS)]
+    return [row for shard in shards for row in read_shard_rows(shard, cfg, render, FS, LIMITS)]
 
 
 def reasons(rows):
@@ -122,10 +124,10 @@ def test_wrong_types_in_a_file_become_reasons(tmp_path):
     path = tmp_path / "w.parquet"
     pq.write_table(pa.table({"prompt": [1, None], "negative_prompt": [3, 4]}), path)
     shard = Shard("f00000-000000", str(path), 0, 0, 2)
-    rows = read_shard_rows(shard, DatasetConfig(uri=str(path)), RENDER, FS)
+    rows = read_shard_rows(shard, DatasetConfig(uri=str(path)), RENDER, FS, LIMITS)
     assert reasons(rows) == ["bad_prompt", "empty_prompt"]
     pq.write_table(pa.table({"prompt": ["ok"], "negative_prompt": [3]}), path)
-    rows = read_shard_rows(Shard("f00000-000000", str(path), 0, 0, 1), DatasetConfig(uri=str(path)), RENDER, FS)
+    rows = read_shard_rows(Shard("f00000-000000", str(path), 0, 0, 1), DatasetConfig(uri=str(path)), RENDER, FS, LIMITS)
     assert reasons(rows) == ["bad_negative_prompt"]
 
 
@@ -169,7 +171,7 @@ def test_derived_ids_and_seeds_do_not_depend_on_sharding(tmp_path):
     def all_rows(shard_size):
         cfg = DatasetConfig(uri=str(data), shard_size=shard_size)
         shards, _ = plan_shards(cfg, FS)
-        return [r for s in shards for r in read_shard_rows(s, cfg, RENDER, FS)]
+        return [r for s in shards for r in read_shard_rows(s, cfg, RENDER, FS, LIMITS)]
 
     coarse, fine = all_rows(1000), all_rows(3)
     assert coarse == fine
@@ -184,7 +186,7 @@ def test_shard_range_inside_and_across_row_groups(tmp_path):
     pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(100)]}), path, row_group_size=10)
     cfg = DatasetConfig(uri=str(path))
     for start, stop in [(0, 0), (3, 7), (9, 31), (95, 100), (0, 100)]:
-        rows = read_shard_rows(Shard("s", str(path), 0, start, stop), cfg, RENDER, FS)
+        rows = read_shard_rows(Shard("s", str(path), 0, start, stop), cfg, RENDER, FS, LIMITS)
         assert [r.prompt for r in rows] == [f"p{i}" for i in range(start, stop)]
         assert [r.row_index for r in rows] == list(range(start, stop))
 
@@ -239,8 +241,9 @@ def test_distinct_ids_give_distinct_keys(ids):
 
 def test_group_for_render_keeps_order():
     def spec(i, h, status="pending"):
-        return RowSpec(str(i), str(i), "p", None, i, h, 128, 4, 3.0, "f", i, status,
-                       None if status == "pending" else "bad_size")
+        return RowSpec(row_id=str(i), key=str(i), prompt="p", negative_prompt=None, seed=i, height=h, width=128,
+                       num_inference_steps=4, guidance_scale=3.0, file="f", row_index=i, status=status,
+                       reason=None if status == "pending" else "bad_size")
 
     rows = [spec(0, 256), spec(1, 128), spec(2, 256), spec(3, 256, "rejected"), spec(4, 128)]
     groups = group_for_render(rows)
@@ -295,7 +298,7 @@ def test_every_input_row_gives_exactly_one_rowspec(case):
         assert fp["planned_rows"] == expected == sum(s.num_rows for s in shards)
         all_rows = []
         for shard in shards:
-            rows = read_shard_rows(shard, cfg, RENDER, FS)
+            rows = read_shard_rows(shard, cfg, RENDER, FS, LIMITS)
             assert len(rows) == shard.num_rows
             pending = [r for r in rows if r.status == "pending"]
             assert len({r.row_id for r in pending}) == len(pending)
