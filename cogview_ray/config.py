@@ -71,6 +71,8 @@ class RenderConfig:
     batch_size: int = field(default=1, metadata=_NOT_DEFINING)
     seed: int = 0
     max_sequence_length: int = 224
+    # longer prompts and negative prompts are rejected (prompt_too_long) before tokenizing
+    max_prompt_chars: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,10 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _int_range("render.batch_size", r.batch_size, 1, None)
     _int_range("render.seed", r.seed, 0, MAX_SEED)
     _int_range("render.max_sequence_length", r.max_sequence_length, 1, None)
+    _int_range("render.max_prompt_chars", r.max_prompt_chars, 1, None)
+    if r.negative_prompt is not None and len(r.negative_prompt) > r.max_prompt_chars:
+        raise ConfigError(f"Config key render.negative_prompt has {len(r.negative_prompt)} characters; "
+                          f"render.max_prompt_chars is {r.max_prompt_chars}.")
 
     num_workers = w.num_workers
     if isinstance(num_workers, str) and num_workers.strip().isdigit():

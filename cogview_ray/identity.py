@@ -12,6 +12,9 @@ from .credentials import strip_userinfo
 # How rows.derive_seed turns (render.seed, row id) into a row's seed. Bump it with any change
 # there: the identity then differs, so a resume across the change is refused.
 SEED_SCHEME = 1
+# How rows.object_key turns ids into output keys. 2: ids with capitals are hashed and every key is
+# lower case, so ids that differ only in case never share an object on a case-insensitive store.
+KEY_SCHEME = 2
 # Runs made before the scheme was recorded used scheme 1, and their identity has no seed_scheme:
 # scheme 1 is recorded by its absence, so their `_run.json` and default run ids stay valid.
 _UNRECORDED_SEED_SCHEME = 1
@@ -24,6 +27,7 @@ def output_defining(cfg: RunConfig) -> dict:
     settings = _defining(cfg)
     if SEED_SCHEME != _UNRECORDED_SEED_SCHEME:
         settings["render"]["seed_scheme"] = SEED_SCHEME
+    settings["output"]["key_scheme"] = KEY_SCHEME
     return settings
 
 

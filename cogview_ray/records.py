@@ -219,7 +219,7 @@ def failed_records(shard: Shard, rows: Optional[list[RowSpec]], *, run_id: str, 
         return [RowRecord(id=None, file=shard.file, row_index=shard.row_start + i, status=Status.FAILED,
                           reason=reason, error=error, **unknown, **common)
                 for i in range(shard.num_rows)]
-    return [RowRecord.from_spec(r, status=Status.REJECTED, reason=r.reason, **common)
+    return [RowRecord.from_spec(r, status=Status.REJECTED, reason=r.reason, error=r.error, **common)
             if r.status == Status.REJECTED else
             RowRecord.from_spec(r, status=Status.FAILED, reason=reason, error=error, **common)
             for r in rows]

