@@ -69,18 +69,7 @@ def ensure_local_model(
     name = cache_entry_name(url, options)
     entry = root / name
 
-    lock = FileLock(str(root / f".{name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("Waiting for another process on this node to download %s.", shown)
-        try:
-            lock.acquire(timeout=-1 if lock_timeout_s is None else lock_timeout_s)
-        except Timeout:
-            raise ModelCacheError(
-                f"Timed out after {lock_timeout_s} s waiting for the cache lock of {shown} in {root}."
-            ) from None
-    try:
+    with _node_lock(root / f".{name}.lock", shown, lock_timeout_s):
         if entry_is_valid(entry, url):
             log.info("Reusing cached model %s at %s.", shown, entry)
             return str(entry)
@@ -88,8 +77,54 @@ def ensure_local_model(
         _download(url, options, entry)
         log.info("Cached model %s at %s.", shown, entry)
         return str(entry)
-    finally:
-        lock.release()
+
+
+def resolve_model_path(model_path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A local checkpoint folder for `model.path`: `preset:NAME` (written once per node), a URL
+    (downloaded once per node) or a local folder (used as is)."""
+    if model_path.startswith("preset:"):
+        return preset_checkpoint(model_path.split(":", 1)[1])
+    return ensure_local_model(model_path, storage_options=storage_options)
+
+
+def preset_checkpoint(name: str) -> str:
+    """The random-weight checkpoint of preset `name` (seed 0), written once per node into
+    `checkpoints/` under the cache root; the first process writes, the others wait and reuse."""
+    from .model.checkpoint import make_checkpoint  # torch loads only when a preset is asked for
+
+    target = cache_root() / "checkpoints" / f"{name}-seed0"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _node_lock(Path(str(target) + ".lock"), f"preset:{name}", None):
+        if not (target / ".complete").exists():
+            tmp = target.with_name(target.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
+            make_checkpoint(name, tmp, seed=0)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+            _write_durably(target / ".complete", b"ok\n")
+    return str(target)
+
+
+class _node_lock:
+    """The file lock that makes one process per node build a cache entry while the others wait."""
+
+    def __init__(self, path: Path, shown: str, timeout_s: float | None):
+        self.lock, self.shown, self.timeout_s = FileLock(str(path)), shown, timeout_s
+
+    def __enter__(self):
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            log.info("Waiting for another process on this node to fetch %s.", self.shown)
+            try:
+                self.lock.acquire(timeout=-1 if self.timeout_s is None else self.timeout_s)
+            except Timeout:
+                raise ModelCacheError(f"Timed out after {self.timeout_s} s waiting for the cache lock of "
+                                      f"{self.shown} in {Path(self.lock.lock_file).parent}.") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
 
 
 def cache_root() -> Path:

@@ -144,7 +144,11 @@ class WorkerPool:
 
     def submit(self, queue: ShardQueue) -> None:
         """Hand queued shards to ready workers, up to `max_in_flight` each (never to one still
-        loading: queued there, shards would wait while ready workers run dry)."""
+        loading: queued there, shards would wait while ready workers run dry). Nothing is handed
+        out until every first worker has loaded or failed, so a fast loader does not take all
+        the work of a small run."""
+        if any(s.generation == 0 and s.state is SlotState.LOADING for s in self.slots):
+            return
         for slot in self.slots:
             while slot.state is SlotState.READY and queue and len(slot.inflight) < self.max_in_flight:
                 task = queue.pop()

@@ -384,3 +384,16 @@ def test_second_line_of_defence_refuses_an_escaping_key(
         ensure_local_model(remote_model, s3_storage_options, tmp_path / "cache")
     assert not outside.exists()
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_preset_is_written_once_per_node_and_reused(tmp_path, monkeypatch):
+    from cogview_ray.model_cache import resolve_model_path
+
+    monkeypatch.setenv("COGVIEW_RAY_CACHE", str(tmp_path))
+    first = resolve_model_path("preset:tiny")
+    marker = tmp_path / "checkpoints" / "tiny-seed0" / ".complete"
+    assert first == str(marker.parent) and marker.read_bytes() == b"ok\n"
+    stamp = (marker.parent / "model_index.json").stat().st_mtime_ns
+    assert resolve_model_path("preset:tiny") == first
+    assert (marker.parent / "model_index.json").stat().st_mtime_ns == stamp  # not rewritten
+    assert not (tmp_path / "checkpoints" / "tiny-seed0.partial").exists()

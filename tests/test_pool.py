@@ -194,3 +194,17 @@ def test_shutdown_kills_every_worker():
         load_all(pool, backend)
     assert sorted(backend.killed) == ["w00.0", "w01.0", "w02.0"] and pool.alive == 0
     assert isinstance(Loaded("w", {}), Loaded)
+
+
+def test_no_shards_until_every_first_worker_has_loaded_or_failed():
+    pool, backend, _ = make_pool(size=2)
+    q = ShardQueue([shard(i) for i in range(3)], max_attempts=3)
+    a, b = backend.pending("info")
+    backend.finish(a, {"worker_id": "w00.0"})
+    pool.poll(0)
+    pool.submit(q)
+    assert len(q) == 3  # w01.0 still loading
+    backend.finish(b, WorkerDied("no GPU"))
+    pool.poll(0)
+    pool.submit(q)
+    assert len(q) == 1 and len(backend.pending("render")) == 2

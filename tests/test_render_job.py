@@ -10,7 +10,8 @@ from PIL import Image
 
 from cogview_ray.cli import main as cli_main
 from cogview_ray.config import load_config
-from cogview_ray.driver import RunError, run_render
+from cogview_ray.driver import run_render
+from cogview_ray.errors import RunRefused
 from cogview_ray.manifest import read_manifest
 from cogview_ray.sinks import read_output
 from cogview_ray.storage import RunStore
@@ -172,10 +173,10 @@ def test_changed_setting_or_input_is_refused(ray_cluster, tiny_checkpoint, tmp_p
     data = write_prompts(tmp_path / "prompts.parquet")
     out = tmp_path / "out"
     run_render(make_cfg(tiny_checkpoint, data, out, "r3"))
-    with pytest.raises(RunError, match=r"render.num_inference_steps: 2 -> 3"):
+    with pytest.raises(RunRefused, match=r"render.num_inference_steps: 2 -> 3"):
         run_render(make_cfg(tiny_checkpoint, data, out, "r3", "render.num_inference_steps=3"))
     write_prompts(tmp_path / "prompts.parquet", n=13)
-    with pytest.raises(RunError, match="other settings or input"):
+    with pytest.raises(RunRefused, match="other settings or input"):
         run_render(make_cfg(tiny_checkpoint, data, out, "r3"))
     # the lock was released by the refused drivers: an explicit override goes on
     forced = run_render(make_cfg(tiny_checkpoint, data, out, "r3", "resume=force"))
