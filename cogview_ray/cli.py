@@ -27,7 +27,7 @@ def _render(args) -> int:
 def _verify(args) -> int:
     from .verify import verify_run
 
-    report = verify_run(args.run_uri, _storage_options(args.storage_options))
+    report = verify_run(args.run_uri, _storage_options(args.storage_options), check_objects=not args.no_objects)
     print(report.summary())
     return 0 if report.verified else 1
 
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a run's accounting, commit markers and objects")
     v.add_argument("run_uri", help="{output.uri}/{run_id}")
     v.add_argument("--storage-options", help="JSON dict passed to fsspec (credentials otherwise from env)")
+    v.add_argument("--no-objects", action="store_true", help="read no images: markers, coverage and accounting only")
     v.set_defaults(fn=_verify)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official layout")
@@ -135,7 +136,9 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except _user_errors() as e:  # evaluated only when an exception is on its way out
-        print(f"cogview-ray: error: {e}", file=sys.stderr)
+        from .credentials import redact_text
+
+        print(f"cogview-ray: error: {redact_text(str(e))}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
 
 

@@ -12,7 +12,10 @@ if TYPE_CHECKING:  # config.py imports this module for its error messages
 REDACTED = "***"
 # Key names whose values are never shown in errors or saved configs.
 _SECRET_KEY_RE = re.compile(r"key|secret|token|passw|credential", re.IGNORECASE)
-_URL_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+# Anywhere in a text: `scheme://user:pass@` and a URL's query string (signed URLs carry their
+# credentials there: X-Amz-Signature, sig, token ...).
+_ANY_USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+_ANY_QUERY_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s?#]*)\?[^\s#]*")
 
 
 def is_secret_key(name: str) -> bool:
@@ -21,9 +24,16 @@ def is_secret_key(name: str) -> bool:
 
 
 def strip_userinfo(text: Any) -> Any:
-    """`s3://user:pass@bucket/x` -> `s3://***@bucket/x`: credentials in URLs never leave; other
-    values are returned unchanged."""
-    return _URL_USERINFO_RE.sub(lambda m: f"{m.group(1)}{REDACTED}@", text) if isinstance(text, str) else text
+    """`s3://user:pass@bucket/x?sig=abc` -> `s3://***@bucket/x?***`: credentials in URLs (user
+    info, signed query strings) never leave; other values are returned unchanged."""
+    return redact_text(text) if isinstance(text, str) else text
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URL's user info and query string replaced by '***' (error messages,
+    log lines, manifest cells)."""
+    text = _ANY_USERINFO_RE.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    return _ANY_QUERY_RE.sub(lambda m: f"{m.group(1)}?{REDACTED}", text)
 
 
 def storage_options_for(uri: str, cfg: RunConfig) -> dict:
