@@ -1,18 +1,22 @@
-"""The driver's side of the commit protocol: which shards are committed, committing a worker's
-result or a shard out of attempts, and the run's closing summary (`_SUCCESS.json` or
-`_FAILED.json`). Every write checks the run lock first: a driver that lost it writes nothing.
+"""The driver's side of the commit protocol: which shards are committed (and whether they are the
+shards planned now), committing a worker's result or a shard out of attempts, and the run's closing
+summary (`_SUCCESS.json` or `_FAILED.json`). Every write checks the run lock first and every part
+has an attempt-unique name: a driver that lost the lock writes nothing a commit points to.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import layout
+from .errors import RunRefused
 from .hooks import Hooks
-from .manifest import commit_shard, committed_shards, read_commit, write_manifest_part, write_success
+from .manifest import (commit_shard, committed_shards, read_commits, read_success, write_manifest_part,
+                       write_success)
 from .records import ShardResult, Status, failed_records
 from .rows import RowSpec
 from .run_lock import RunLock
@@ -21,6 +25,8 @@ from .stats import RunStats
 from .storage import RunStore
 
 log = logging.getLogger("cogview_ray.commits")
+
+_SHOWN_MISMATCHES = 3
 
 
 @dataclass
@@ -40,6 +46,30 @@ class RunOutcome:
         return 1 if self.shards_failed else 0
 
 
+def check_coverage(store: RunStore, markers: dict[str, dict], shards: list[Shard]) -> None:
+    """RunRefused unless every committed marker covers exactly the planned shard of its id (same
+    file, same row range). A resume is then exact whatever `resume` says; otherwise (say
+    dataset.shard_size changed under resume=force) skipping by id would lose or repeat rows."""
+    planned = {s.shard_id: s for s in shards}
+    problems = []
+    for shard_id in sorted(markers):
+        m, shard = markers[shard_id], planned.get(shard_id)
+        got = (m.get("file"), m.get("row_start"), m.get("row_stop"))
+        if not isinstance(got[0], str) or not all(isinstance(v, int) for v in got[1:]):
+            problems.append(f"{shard_id} records no row range (an earlier release's marker)")
+        elif shard is None:
+            problems.append(f"{shard_id} covers rows [{got[1]}, {got[2]}) of {got[0]}, a shard this plan lacks")
+        elif got != (shard.file, shard.row_start, shard.row_stop):
+            problems.append(f"{shard_id} covers rows [{got[1]}, {got[2]}) of {got[0]}, planned now as rows "
+                            f"[{shard.row_start}, {shard.row_stop}) of {shard.file}")
+    if problems:
+        more = f" and {len(problems) - _SHOWN_MISMATCHES} more" if len(problems) > _SHOWN_MISMATCHES else ""
+        raise RunRefused(
+            f"run {store.url()} cannot resume: its committed shards do not match this plan "
+            f"({'; '.join(problems[:_SHOWN_MISMATCHES])}{more}), so skipping them would lose or repeat rows "
+            f"whatever `resume` says; render into a new output.run_id")
+
+
 class Committer:
     """Commits shards of one run for the driver that holds its lock."""
 
@@ -48,20 +78,28 @@ class Committer:
         self.store, self.lock, self.hooks, self.stats, self.outcome, self.say = store, lock, hooks, stats, outcome, say
         self.model_path = model_path  # as the manifest shows it: without credentials
 
-    def scan(self) -> set[str]:
-        """Committed shard ids; shards committed as failed are uncommitted here so they run again."""
+    def scan(self, shards: list[Shard]) -> set[str]:
+        """Committed shard ids, once every marker is proven to cover its planned shard; shards
+        committed as failed are uncommitted here so they run again."""
         store = self.store
         committed = committed_shards(store)
-        failed = layout.shard_ids(layout.FAILED_DIR, store.list(layout.FAILED_DIR))
-        for shard_id in sorted(failed & committed):
+        markers = read_commits(store, sorted(committed))
+        check_coverage(store, markers, shards)
+        # the commit marker's status decides; failed/ only says where to look (a late driver's
+        # failed/ marker beside an ok commit must not uncommit it)
+        redo = layout.shard_ids(layout.FAILED_DIR, store.list(layout.FAILED_DIR))
+        uncommit = {s for s in committed if markers[s].get("status") == "failed"}
+        for shard_id in sorted(uncommit):
+            # the one delete of a marker: of a failed commit only, by the holder, after a fresh look
             self.lock.check(read=True)
             store.delete(layout.commit_marker(shard_id))
             store.delete(layout.failed_marker(shard_id))
-        for shard_id in sorted(failed - committed):
-            # a marker whose commit is gone (a driver stopped between the two deletes above, or
-            # between writing it and committing): drop it, or it would uncommit a later success
+        for shard_id in sorted(redo - uncommit):
+            # a failed/ marker without a failed commit (a driver stopped between the two deletes
+            # above, or before committing, or woke late): drop it
+            self.lock.check(read=True)
             store.delete(layout.failed_marker(shard_id))
-        return committed - failed
+        return committed - uncommit
 
     def commit(self, shard: Shard, result: ShardResult) -> None:
         """Manifest part, then the create-once marker; ValueError for a result that does not
@@ -74,11 +112,10 @@ class Committer:
             self.say(f"shard {shard.shard_id} was committed by another driver meanwhile; keeping that commit")
             return
         self.hooks.at_driver("before_manifest", shard.shard_id)
-        write_manifest_part(self.store, shard.shard_id, result.records)
+        part = self._write_part(shard, result.records)
         self.hooks.at_driver("after_manifest", shard.shard_id)
-        if not commit_shard(self.store, shard.shard_id, self._summary(shard, "ok", result.attempt,
-                                                                     worker_id=result.worker_id)):
-            log.warning("shard %s was already committed; keeping the first commit", shard.shard_id)
+        if not self._commit(shard, part, self._summary(shard, "ok", result.attempt, worker_id=result.worker_id)):
+            return
         self.stats.add(result.records)
         self.outcome.shards_committed += 1
         self.outcome.rows_rendered += sum(1 for r in result.records if r.status != Status.REJECTED)
@@ -90,28 +127,47 @@ class Committer:
         records = failed_records(shard, rows, run_id=self.store.run_id, attempts=attempts, reason=reason,
                                  error=error, model_path=self.model_path)
         self.lock.check(read=True)
-        write_manifest_part(self.store, shard.shard_id, records)
+        part = self._write_part(shard, records)
         detail = f"{reason}: {error}"
+        self.lock.check(read=True)
         self.store.write(layout.failed_marker(shard.shard_id), json.dumps(
-            {"shard_id": shard.shard_id, "reason": reason, "error": error, "attempts": attempts}).encode())
-        commit_shard(self.store, shard.shard_id, self._summary(shard, "failed", attempts, error=detail))
+            {"shard_id": shard.shard_id, "reason": reason, "error": error, "attempts": attempts,
+             "lock_epoch": self.lock.epoch}).encode())
+        if not self._commit(shard, part, self._summary(shard, "failed", attempts, error=detail)):
+            return
         self.stats.add(records)
         self.outcome.shards_failed += 1
         self.say(f"shard {shard.shard_id} failed after {attempts} attempts: {detail}")
+
+    def _write_part(self, shard: Shard, records) -> str:
+        """The part under a name no other attempt uses (this epoch, a fresh uuid): a driver that
+        wakes late can only add an orphan, never change the part a marker points to."""
+        token = f"{self.lock.epoch or 0:010d}-{uuid.uuid4().hex[:12]}"
+        write_manifest_part(self.store, shard.shard_id, records, token=token)
+        return layout.manifest_part(shard.shard_id, token)
+
+    def _commit(self, shard: Shard, part: str, summary: dict) -> bool:
+        self.lock.check(read=True)  # the last look before the marker: a paused driver stops here
+        if commit_shard(self.store, shard.shard_id, summary, part=part):
+            return True
+        self.say(f"shard {shard.shard_id} was committed by another driver meanwhile; keeping that commit")
+        return False
 
     def _summary(self, shard: Shard, status: str, attempt: int, **extra) -> dict:
         # the row range makes coverage checkable by range, not by shard id alone
         return {"rows": shard.num_rows, "status": status, "attempt": attempt, "file": shard.file,
                 "row_start": shard.row_start, "row_stop": shard.row_stop, "committed_at": time.time(),
-                "lock_id": self.lock.lock_id, **extra}
+                "lock_id": self.lock.lock_id, "lock_epoch": self.lock.epoch, **extra}
 
     def finalize(self, shards: list[Shard]) -> None:
-        """`_SUCCESS.json` when every shard is committed ok, else `_FAILED.json`."""
+        """`_SUCCESS.json` (created once) when every shard is committed ok, else `_FAILED.json`."""
         store, outcome = self.store, self.outcome
         totals = {"rows": 0, "ok": 0, "failed": 0, "rejected": 0, "shards": len(shards), "failed_shards": 0}
         failures = []
+        markers = read_commits(store, [s.shard_id for s in shards])
+        check_coverage(store, markers, shards)  # a late driver's marker must still fit the plan
         for shard in shards:
-            marker = read_commit(store, shard.shard_id)
+            marker = markers[shard.shard_id]
             for k in ("ok", "failed", "rejected"):
                 totals[k] += int(marker.get(k, 0))
             totals["rows"] += int(marker["rows"])
@@ -120,13 +176,19 @@ class Committer:
                 failures.append({"shard_id": shard.shard_id, "error": marker.get("error")})
         outcome.totals = totals
         summary = {"run_id": store.run_id, "totals": totals, **self.stats.summary(), "failed_shards": failures,
-                   "finished_at": time.time()}
+                   "finished_at": time.time(), "lock_id": self.lock.lock_id, "lock_epoch": self.lock.epoch}
         self.lock.check(read=True)
         if failures:
             store.write(layout.FAILED_SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
+            if read_success(store) is not None:
+                # written late (this driver paused after its check while another completed the run):
+                # the complete run supersedes it, and no driver writes _FAILED.json once _SUCCESS.json
+                # exists, so this delete can only remove a stale summary
+                store.delete(layout.FAILED_SUMMARY)
             self.say(f"run {store.url()} finished with {len(failures)} failed shard(s); rerun to retry them")
-        else:
-            write_success(store, summary)
-            store.delete(layout.FAILED_SUMMARY)  # left by an earlier invocation whose failures are now redone
-            self.say(f"run {store.url()} complete: {totals['ok']} ok, {totals['failed']} failed, "
-                     f"{totals['rejected']} rejected of {totals['rows']} rows")
+            return
+        if not write_success(store, summary):
+            self.say(f"run {store.url()} already has its {layout.SUCCESS} from an earlier finalize; keeping it")
+        store.delete(layout.FAILED_SUMMARY)  # left by an earlier invocation whose failures are now redone
+        self.say(f"run {store.url()} complete: {totals['ok']} ok, {totals['failed']} failed, "
+                 f"{totals['rejected']} rejected of {totals['rows']} rows")

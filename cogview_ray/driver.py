@@ -13,13 +13,13 @@ import time
 from typing import Optional
 
 from . import __version__
-from .commits import Committer, RunOutcome
+from .commits import Committer, RunOutcome, check_coverage
 from .config import RunConfig
-from .credentials import redacted, storage_options_for, strip_userinfo
+from .credentials import redact_text, redacted, storage_options_for, strip_userinfo
 from .errors import RunError, RunRefused
 from .hooks import FORWARDED_ENV, load_hooks
 from .identity import diff_output_defining, output_defining
-from .manifest import read_run_info, read_success, write_run_info
+from .manifest import committed_shards, read_commits, read_run_info, read_success, write_run_info
 from .pool import Done, Errored, Event, Loaded, Lost, RayBackend, WorkerPool, WorkersExhausted
 from .progress import Progress
 from .rows import read_shard_rows
@@ -59,13 +59,16 @@ class Driver:
         return shards, fingerprint, run_id
 
     def _check_resume(self, fingerprint: dict) -> None:
+        """Create `_run.json` once, or refuse a run whose settings or input differ from it."""
         info = read_run_info(self.store)
         settings = output_defining(self.cfg)
         if info is None:
-            write_run_info(self.store, {
-                "run_id": self.store.run_id, "config": redacted(self.cfg), "output_defining": settings,
-                "fingerprint": fingerprint, "versions": _versions(), "created_at": time.time()})
-            return
+            self.lock.check(read=True)
+            if write_run_info(self.store, {
+                    "run_id": self.store.run_id, "config": redacted(self.cfg), "output_defining": settings,
+                    "fingerprint": fingerprint, "versions": _versions(), "created_at": time.time()}):
+                return
+            info = read_run_info(self.store) or {}  # another driver created it first: compare with it
         changes = diff_output_defining(info.get("output_defining", {}), settings)
         changes += diff_fingerprints(info.get("fingerprint", {}), fingerprint)
         if changes and self.cfg.resume != "force":
@@ -75,6 +78,25 @@ class Driver:
         if changes:
             self._say(f"resuming despite changes (resume=force): {'; '.join(changes[:5])}")
 
+    def _already_complete(self, shards: list, fingerprint: dict) -> Optional[RunOutcome]:
+        """The outcome of a run found complete, read without taking the lock (a complete run is
+        written once, so a rerun writes nothing); None if anything is left to do."""
+        store = self.store
+        store.invalidate()
+        success = read_success(store)
+        if success is None or read_run_info(store) is None:
+            return None
+        self._check_resume(fingerprint)  # refuses changed settings; writes nothing: _run.json exists
+        committed = committed_shards(store)
+        markers = read_commits(store, sorted(committed))
+        check_coverage(store, markers, shards)
+        if any(s.shard_id not in committed or markers[s.shard_id].get("status") != "ok" for s in shards):
+            return None
+        self._say(f"run {store.url()} is already complete; nothing to render")
+        outcome = RunOutcome(store.run_id, store.url(), len(shards), len(shards))
+        outcome.totals = success.get("totals", {})
+        return outcome
+
     # -- main loop ---------------------------------------------------------------------------
 
     def run(self) -> RunOutcome:
@@ -82,6 +104,8 @@ class Driver:
         shards, fingerprint, run_id = self.plan()
         self.store = store = RunStore(cfg.output.uri, run_id, cfg.output.storage_options)
         store.prove_create_once()  # a store that overwrites cannot hold a lock or a commit
+        if (complete := self._already_complete(shards, fingerprint)) is not None:
+            return complete
         self.lock = RunLock(store, stale_s=self.lock_stale_s, heartbeat_s=self.heartbeat_s, say=self._say)
         self.lock.acquire(takeover=cfg.takeover_lock)
         try:
@@ -90,7 +114,7 @@ class Driver:
             outcome = RunOutcome(run_id, store.url(), len(shards), 0)
             committer = Committer(store, self.lock, self.hooks, stats, outcome, self._say,
                                   model_path=strip_userinfo(cfg.model.path))
-            done = committer.scan()
+            done = committer.scan(shards)
             queue = ShardQueue((s for s in shards if s.shard_id not in done), cfg.workers.max_attempts)
             outcome.shards_skipped = len(shards) - len(queue)
             if not queue and (success := read_success(store)) is not None:
@@ -201,7 +225,7 @@ class Driver:
         return opts
 
     def _say(self, msg: str) -> None:
-        print(f"[cogview-ray] {msg}", file=self.out, flush=True)
+        print(f"[cogview-ray] {redact_text(msg)}", file=self.out, flush=True)
 
 
 def resolve_num_workers(cfg: RunConfig, resources: dict) -> int:

@@ -7,11 +7,12 @@ from typing import Iterable
 from cogview_ray.storage import check_relative
 
 RUN_INFO = "_run.json"  # resolved config (secrets removed), output identity, input fingerprint, versions
-LOCK = "_LOCK"  # created once; stops two drivers writing one run
+LOCK = "_locks"  # the run lock: create-once epoch objects, the highest epoch holds the run (lock_* below)
+LEGACY_LOCK = "_LOCK"  # the one lock object of earlier releases: honoured (never written) until an epoch exists
 SUCCESS = "_SUCCESS.json"  # written when every shard is committed
 FAILED_SUMMARY = "_FAILED.json"  # written instead while some shards are committed as failed
 
-MANIFEST_DIR = "manifest"  # manifest/{shard}.parquet: one row per input row of the shard
+MANIFEST_DIR = "manifest"  # manifest/{shard}/{token}.parquet: one row per input row; the marker names its part
 COMMITS_DIR = "commits"  # commits/{shard}.json: the commit marker, written last
 FAILED_DIR = "failed"  # failed/{shard}.json: the shard's commit is a failure, to be redone
 CLAIMS_DIR = "ids"  # ids/{key}.json: which input row owns an object key (user-given ids)
@@ -34,8 +35,12 @@ def check_key(key: str) -> str:
     return key
 
 
-def manifest_part(shard_id: str) -> str:
-    return f"{MANIFEST_DIR}/{check_key(shard_id)}{_SUFFIXES[MANIFEST_DIR]}"
+def manifest_part(shard_id: str, token: str | None = None) -> str:
+    """The manifest part one attempt writes: `token` is unique to the attempt, so a late writer only
+    adds an orphan beside a committed part. No token: the one fixed name of earlier releases."""
+    if token is None:
+        return f"{MANIFEST_DIR}/{check_key(shard_id)}{_SUFFIXES[MANIFEST_DIR]}"
+    return f"{MANIFEST_DIR}/{check_key(shard_id)}/{check_key(token)}{_SUFFIXES[MANIFEST_DIR]}"
 
 
 def commit_marker(shard_id: str) -> str:
@@ -44,6 +49,26 @@ def commit_marker(shard_id: str) -> str:
 
 def failed_marker(shard_id: str) -> str:
     return f"{FAILED_DIR}/{check_key(shard_id)}{_SUFFIXES[FAILED_DIR]}"
+
+
+def lock_epoch(epoch: int) -> str:
+    """Epoch `epoch`'s holder (host, pid, lock_id): created once by the driver that takes the lock."""
+    return f"{LOCK}/{epoch:010d}.json"
+
+
+def lock_heartbeat(epoch: int) -> str:
+    """Rewritten by epoch `epoch`'s holder only; its store time is that holder's last sign of life."""
+    return f"{LOCK}/{epoch:010d}.beat.json"
+
+
+def lock_release(epoch: int) -> str:
+    """Created once when epoch `epoch`'s holder lets go: the next driver takes epoch + 1 at once."""
+    return f"{LOCK}/{epoch:010d}.released.json"
+
+
+def lock_epochs(names: Iterable[str]) -> set[int]:
+    """The epochs in a listing of `LOCK` (heartbeats, releases and other names ignored)."""
+    return {int(n[:10]) for n in names if len(n) == 15 and n[:10].isdigit() and n.endswith(".json")}
 
 
 def claim(key: str) -> str:

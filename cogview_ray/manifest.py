@@ -1,9 +1,11 @@
-"""The run's record: manifest parts (one Parquet per shard), commit markers, and the
-run-level files `_run.json` and `_SUCCESS.json` (where each lives: layout.py; `_LOCK`: run_lock.py).
+"""The run's record: manifest parts (one Parquet per shard attempt), commit markers, and the
+run-level files `_run.json` and `_SUCCESS.json` (where each lives: layout.py; the lock: run_lock.py).
 
-Commit protocol (driver only): `write_manifest_part`, then `commit_shard`, which reads
-the part back and creates `commits/{shard}.json` once. A shard is done exactly when its
-marker exists; readers trust committed shards only.
+Commit protocol (driver only): `write_manifest_part` under an attempt-unique token, then
+`commit_shard`, which reads that part back and creates `commits/{shard}.json` once, naming the
+part and its sha256. A shard is done exactly when its marker exists; readers trust committed
+shards only and find a shard's part through its marker (`part_of`, `read_part`), never by name,
+so a late writer's part is an orphan nobody reads.
 """
 from __future__ import annotations
 
@@ -19,11 +21,17 @@ import pyarrow.parquet as pq
 # The row schema lives in records.py; these names stay importable from here.
 from cogview_ray.records import (MANIFEST_SCHEMA, STATUSES, RowRecord, ShardResult,  # noqa: F401
                                  count_statuses, records_table)
+from cogview_ray.errors import UserError
 from cogview_ray.layout import (COMMITS_DIR, MANIFEST_DIR, RUN_INFO, SUCCESS, commit_marker, manifest_part,
                                 shard_ids)
-from cogview_ray.storage import RunStore
+from cogview_ray.storage import RunStore, check_relative
 
 _READ_THREADS = 8
+
+
+class CorruptRecord(UserError, ValueError):
+    """An object of the run's record (marker, `_run.json`, `_SUCCESS.json`) exists but cannot be
+    read as one; the message names it."""
 
 
 def manifest_bytes(records: list[RowRecord]) -> bytes:
@@ -35,33 +43,36 @@ def manifest_bytes(records: list[RowRecord]) -> bytes:
     return buf.getvalue()
 
 
-def write_manifest_part(store: RunStore, shard_id: str, records: list[RowRecord]) -> str:
-    """Write `manifest/{shard}.parquet` (overwriting an uncommitted one); its sha256.
+def write_manifest_part(store: RunStore, shard_id: str, records: list[RowRecord],
+                        token: str | None = None) -> str:
+    """Write the shard's part `layout.manifest_part(shard_id, token)`; its sha256.
 
-    Refuses once the shard is committed: a committed part is final."""
+    The driver names a token unique to the attempt, so no committed part is ever written again.
+    Without one (tools, tests) the fixed name of earlier releases is written, and refused once the
+    shard is committed."""
     for r in records:
         if r.shard_id != shard_id:
             raise ValueError(f"record for row {r.row_index} of {r.file} belongs to shard "
                              f"{r.shard_id!r}, not {shard_id!r}")
     data = manifest_bytes(records)
-    if store.exists(commit_marker(shard_id)):
+    if token is None and store.exists(commit_marker(shard_id)):
         raise ValueError(f"shard {shard_id} is already committed; its manifest part "
                          f"{store.url(manifest_part(shard_id))} is final")
-    store.write(manifest_part(shard_id), data)
+    store.write(manifest_part(shard_id, token), data)
     return hashlib.sha256(data).hexdigest()
 
 
-def commit_shard(store: RunStore, shard_id: str, summary: dict) -> bool:
-    """Create `commits/{shard}.json` once; True if this call committed the shard.
+def commit_shard(store: RunStore, shard_id: str, summary: dict, part: str | None = None) -> bool:
+    """Create `commits/{shard}.json` once, pointing at `part` (default: the fixed name of earlier
+    releases); True if this call committed the shard.
 
-    `summary["rows"]` (the shard's input row count) is required; the marker adds the
-    manifest part's sha256, size and status counts, read back from storage, so a marker
-    never exists without the part it describes. Refuses a part whose counts do not add
-    up to `rows`.
+    `summary["rows"]` (the shard's input row count) is required; the marker adds the part's
+    name, sha256, size and status counts, read back from storage, so a marker never exists
+    without the part it describes. Refuses a part whose counts do not add up to `rows`.
     """
     if not isinstance(summary.get("rows"), int):
         raise ValueError(f"commit summary for shard {shard_id} lacks an integer 'rows'")
-    part = manifest_part(shard_id)
+    part = manifest_part(shard_id) if part is None else _checked_part(part, shard_id)
     try:
         data = store.read(part)
     except FileNotFoundError:
@@ -79,7 +90,46 @@ def commit_shard(store: RunStore, shard_id: str, summary: dict) -> bool:
 
 
 def read_commit(store: RunStore, shard_id: str) -> dict:
-    return json.loads(store.read(commit_marker(shard_id)))
+    """The shard's commit marker; FileNotFoundError if uncommitted, CorruptRecord if unreadable."""
+    rel = commit_marker(shard_id)
+    marker = _parse_json(store, rel, store.read(rel))
+    if marker.get("shard_id", shard_id) != shard_id:
+        raise CorruptRecord(f"Commit marker {store.url(rel)} is for shard {marker.get('shard_id')!r}, "
+                            f"not {shard_id!r}.")
+    return marker
+
+
+def read_commits(store: RunStore, shards: list[str]) -> dict[str, dict]:
+    """The markers of the given committed shards, read in parallel (small GETs)."""
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        return dict(zip(shards, pool.map(lambda s: read_commit(store, s), shards)))
+
+
+def part_of(marker: dict, shard_id: str) -> str:
+    """The manifest part a commit marker points to: the one place a reader finds a shard's part
+    (markers of earlier releases name the fixed part, or nothing). CorruptRecord for a marker
+    naming anything but a part of its own shard."""
+    part = marker.get("manifest", manifest_part(shard_id))
+    try:
+        return _checked_part(part, shard_id)
+    except ValueError:
+        raise CorruptRecord(f"Commit marker {commit_marker(shard_id)} names {part!r}, which is not a "
+                            f"manifest part of shard {shard_id}.") from None
+
+
+def _checked_part(part: Any, shard_id: str) -> str:
+    fixed, folder = manifest_part(shard_id), f"{MANIFEST_DIR}/{shard_id}/"
+    if not isinstance(part, str) or not (part == fixed or (part.startswith(folder) and part.endswith(".parquet")
+                                                           and "/" not in part[len(folder):])):
+        raise ValueError(f"{part!r} is not a manifest part of shard {shard_id}")
+    return check_relative(part)
+
+
+def read_part(store: RunStore, shard_id: str, columns: list[str] | None = None,
+              marker: dict | None = None) -> pa.Table:
+    """The committed manifest part of one shard (found through its marker, read if not given)."""
+    part = part_of(marker if marker is not None else read_commit(store, shard_id), shard_id)
+    return pq.read_table(io.BytesIO(store.read(part)), columns=columns, schema=MANIFEST_SCHEMA)
 
 
 def committed_shards(store: RunStore) -> set[str]:
@@ -88,23 +138,32 @@ def committed_shards(store: RunStore) -> set[str]:
     return shard_ids(COMMITS_DIR, store.list(COMMITS_DIR))
 
 
-def read_manifest(store: RunStore, committed_only: bool = True,
-                  columns: list[str] | None = None) -> pa.Table:
-    """All manifest parts (of committed shards only, by default) as one table."""
+def read_manifest(store: RunStore, committed_only: bool = True, columns: list[str] | None = None,
+                  markers: dict[str, dict] | None = None) -> pa.Table:
+    """The committed shards' parts, each found through its marker (`markers`: those already read,
+    by shard id), as one table. `committed_only=False`: every part present instead, orphans and
+    other attempts included (for inspecting a run)."""
     if committed_only:
-        shards = sorted(committed_shards(store))
+        if markers is None:
+            markers = read_commits(store, sorted(committed_shards(store)))
+        parts = [part_of(markers[s], s) for s in sorted(markers)]
     else:
         store.invalidate()
-        shards = sorted(shard_ids(MANIFEST_DIR, store.list(MANIFEST_DIR)))
+        parts = []
+        for name in store.list(MANIFEST_DIR):
+            if name.endswith(".parquet"):  # the fixed name of earlier releases
+                parts.append(f"{MANIFEST_DIR}/{name}")
+            else:
+                parts += [f"{MANIFEST_DIR}/{name}/{n}" for n in store.list(f"{MANIFEST_DIR}/{name}")
+                          if n.endswith(".parquet")]
     schema = MANIFEST_SCHEMA if columns is None else pa.schema(
         [MANIFEST_SCHEMA.field(c) for c in columns])
 
-    def read_part(shard: str) -> pa.Table:
-        data = store.read(manifest_part(shard))
-        return pq.read_table(io.BytesIO(data), columns=columns, schema=MANIFEST_SCHEMA)
+    def read(part: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(store.read(part)), columns=columns, schema=MANIFEST_SCHEMA)
 
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:  # parts are small GETs
-        tables = list(pool.map(read_part, shards))
+        tables = list(pool.map(read, parts))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
@@ -113,29 +172,43 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def _parse_json(store: RunStore, rel: str, data: bytes) -> dict:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise CorruptRecord(f"{store.url(rel)} is unreadable (not a JSON object); restore or remove it, "
+                            f"or write the run under a new output.run_id.")
+    return obj
+
+
 def _read_json(store: RunStore, rel: str) -> dict | None:
     try:
-        return json.loads(store.read(rel))
+        data = store.read(rel)
     except FileNotFoundError:
         return None
+    return _parse_json(store, rel, data)
 
 
-def write_run_info(store: RunStore, info: dict) -> None:
-    """`_run.json`: resolved config (already redacted by the caller), fingerprint, versions."""
-    store.write(RUN_INFO, _json_bytes(info))
+def write_run_info(store: RunStore, info: dict) -> bool:
+    """Create `_run.json` once: resolved config (already redacted by the caller), fingerprint,
+    versions. False if it exists already (another driver wrote it first: compare with it)."""
+    return store.create_once(RUN_INFO, _json_bytes(info))
 
 
 def read_run_info(store: RunStore) -> dict | None:
     return _read_json(store, RUN_INFO)
 
 
-def write_success(store: RunStore, summary: dict) -> None:
-    """`_SUCCESS.json`; `summary["totals"]` must hold int rows/ok/failed/rejected/shards."""
+def write_success(store: RunStore, summary: dict) -> bool:
+    """Create `_SUCCESS.json` once (a complete run is written once); False if one exists already.
+    `summary["totals"]` must hold int rows/ok/failed/rejected/shards."""
     totals = summary.get("totals")
     keys = ("rows", "ok", "failed", "rejected", "shards")
     if not isinstance(totals, dict) or not all(isinstance(totals.get(k), int) for k in keys):
         raise ValueError(f"success summary needs 'totals' with integer {', '.join(keys)}")
-    store.write(SUCCESS, _json_bytes(summary))
+    return store.create_once(SUCCESS, _json_bytes(summary))
 
 
 def read_success(store: RunStore) -> dict | None:

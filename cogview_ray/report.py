@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 from . import layout
@@ -309,7 +308,7 @@ def _prompts(store: RunStore, sample: list[dict]) -> dict:
     """Prompts of sampled rows, read from their shards' manifest parts only."""
     out = {}
     for shard in sorted({s["shard_id"] for s in sample}):
-        t = pq.read_table(io.BytesIO(store.read(layout.manifest_part(shard))), columns=["id", "prompt"])
+        t = mf.read_part(store, shard, columns=["id", "prompt"])
         out.update(zip(t.column("id").to_pylist(), t.column("prompt").to_pylist()))
     return out
 

@@ -1,67 +1,133 @@
-"""The run lock `_LOCK`, its I/O and its policy: created once, refreshed by a heartbeat thread,
-taken over only when stale or on request, and released only by the driver that holds it."""
+"""The run lock: one create-once object per holder under `_locks/` (the highest epoch holds the run),
+heartbeats in the holder's own object, staleness judged on the store's clock, fencing by epoch.
+
+No driver ever overwrites or deletes a lock object another driver wrote: a takeover creates the
+next epoch, a release adds a marker for its own epoch. So a driver that was paused (GC, SIGSTOP, a
+partition) past the staleness limit cannot bring its lock back or remove its successor's: on waking
+it finds epoch + 1 and stops (LockLost) before its next write.
+"""
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import layout
 from .errors import LockLost, RunLocked
-from .layout import LOCK
 from .storage import RunStore
 
 log = logging.getLogger("cogview_ray.run_lock")
 
-STALE_S = 120.0  # a driver whose heartbeat is older than this is taken to be gone
+STALE_S = 120.0  # a driver whose last heartbeat is older than this (store clock) is taken to be gone
 HEARTBEAT_S = 15.0
 
 
-def read_lock(store: RunStore) -> Optional[dict]:
-    """The current holder's owner dict (host, pid, started_at, heartbeat_at, lock_id), or None."""
+@dataclass
+class Holder:
+    """Who holds a run: the highest epoch's object, or (epoch 0) an earlier release's `_LOCK`."""
+
+    epoch: int
+    rel: str  # the holder's object
+    info: Optional[dict]  # its content; None when it cannot be read as a JSON object
+    released: bool = False
+
+    def describe(self) -> str:
+        if self.info is None:
+            return f"an unreadable lock object {self.rel}"
+        return f"pid {self.info.get('pid')} on host {self.info.get('host')}"
+
+
+def _read_info(store: RunStore, rel: str) -> Optional[dict]:
     try:
-        return json.loads(store.read(LOCK))
-    except FileNotFoundError:
+        return _parse_info(store.read(rel))
+    except FileNotFoundError:  # gone meanwhile (deleted by hand)
         return None
 
 
-def _lock_bytes(content: dict) -> bytes:
-    return (json.dumps(content, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+def _parse_info(data: bytes) -> Optional[dict]:
+    try:
+        info = json.loads(data)
+    except ValueError:  # empty, truncated or not JSON
+        return None
+    return info if isinstance(info, dict) else None
 
 
-def _create_lock(store: RunStore, owner: dict, takeover: bool = False) -> bool:
-    """Create `_LOCK` once with a fresh lock_id; False if another driver holds it. `takeover`
-    deletes the existing lock first: the old holder cannot be told, so that is a decision."""
-    if takeover:
-        store.delete(LOCK)
-    # the lock_id makes these bytes this driver's own (create_once compares bytes on a retry)
-    return store.create_once(LOCK, _lock_bytes(dict(owner, lock_id=uuid.uuid4().hex)))
+def read_holder(store: RunStore) -> Optional[Holder]:
+    """The run's current holder (released or not), or None if no driver ever locked it."""
+    store.invalidate()  # s3fs caches listings; a takeover must be seen at once
+    names = store.list(layout.LOCK)
+    epochs = layout.lock_epochs(names)
+    if epochs:
+        epoch = max(epochs)
+        released = layout.lock_release(epoch).rsplit("/", 1)[-1] in names
+        return Holder(epoch, layout.lock_epoch(epoch), _read_info(store, layout.lock_epoch(epoch)), released)
+    if not store.exists(layout.LEGACY_LOCK):
+        return None
+    return Holder(0, layout.LEGACY_LOCK, _read_info(store, layout.LEGACY_LOCK))
 
 
-def lock_staleness(holder: dict, stale_s: float, now: Optional[float] = None) -> Optional[str]:
+def last_beat_s(store: RunStore, holder: Holder) -> Optional[float]:
+    """The store time of the holder's latest sign of life: its object or its heartbeat object,
+    whichever the store wrote last (an earlier release rewrote `_LOCK` itself); None if both are gone."""
+    rels = [holder.rel] if holder.epoch == 0 else [holder.rel, layout.lock_heartbeat(holder.epoch)]
+    stamps = []
+    for rel in rels:
+        try:
+            stamps.append(store.modified(rel))
+        except FileNotFoundError:
+            pass
+    return max(stamps) if stamps else None
+
+
+def read_lock(store: RunStore) -> Optional[dict]:
+    """The current holder's fields (host, pid, started_at, lock_id, epoch and, from its heartbeat,
+    heartbeat_at on its own clock); {} if its object is unreadable; None if the run is not locked."""
+    holder = read_holder(store)
+    if holder is None or holder.released:
+        return None
+    if holder.info is None:
+        return {}
+    info = dict(holder.info)
+    if holder.epoch:
+        beat = _read_info(store, layout.lock_heartbeat(holder.epoch)) or {}
+        info["heartbeat_at"] = beat.get("heartbeat_at", info.get("started_at"))
+    return info
+
+
+def lock_staleness(holder: Optional[dict], stale_s: float, now: Optional[float] = None,
+                   beat_at: Optional[float] = None) -> Optional[str]:
     """Why a lock may be taken over without asking, or None while its driver may be alive.
 
-    Stale: the holder ran on this host under a pid that no longer exists, or its heartbeat
-    (refreshed every `heartbeat_s` by a thread of the holder) is older than `stale_s` at `now`
-    (default: this host's clock). Anything else needs `takeover_lock=true`.
+    Stale: the holder ran on this host under a pid that no longer exists, or its last heartbeat is
+    older than `stale_s` at `now`. Drivers pass `beat_at` and `now` as store times (the modification
+    times of the holder's newest heartbeat object and of a fresh probe), so no host's clock is
+    trusted; without `beat_at` the holder's own `heartbeat_at` field is used (tools judging an
+    earlier release's lock). Anything else needs `takeover_lock=true`.
     """
-    if not holder:
+    if holder:
+        pid = holder.get("pid")
+        if holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return f"no process {pid} runs on this host"
+            except PermissionError:
+                pass
+    elif beat_at is None:
         return "the lock is unreadable"
-    pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return f"no process {pid} runs on this host"
-        except PermissionError:
-            pass
-    age = (time.time() if now is None else now) - _heartbeat_at(holder)
+    if beat_at is None:
+        beat_at = _heartbeat_at(holder)
+    age = (time.time() if now is None else now) - beat_at
     if age > stale_s:
-        return f"its heartbeat is {age:.0f}s old (stale after {stale_s:g}s)"
+        what = "its heartbeat is" if holder else "it is unreadable and"
+        return f"{what} {age:.0f}s old (stale after {stale_s:g}s)"
     return None
 
 
@@ -72,14 +138,20 @@ def _heartbeat_at(holder: dict) -> float:
         return 0.0
 
 
+def _json_bytes(content: dict) -> bytes:
+    return (json.dumps(content, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 class RunLock:
-    """One driver's hold on a run: `acquire`, then `check` often, then `release`."""
+    """One driver's hold on a run: `acquire`, then `check` often (and with `read=True` right before
+    every commit or summary write), then `release`."""
 
     def __init__(self, store: RunStore, *, stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S,
                  say: Callable[[str], None] = print):
         self.store, self.stale_s, self.heartbeat_s, self.say = store, stale_s, heartbeat_s, say
-        self.owner: dict = {}  # what `_LOCK` holds while this driver has it, lock_id included
+        self.owner: dict = {}  # this driver's epoch object, lock_id and epoch included
         self._lost: Optional[str] = None
+        self._last_read = -math.inf  # monotonic time of the last look for a successor
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -87,74 +159,95 @@ class RunLock:
     def lock_id(self) -> Optional[str]:
         return self.owner.get("lock_id")
 
+    @property
+    def epoch(self) -> Optional[int]:
+        return self.owner.get("epoch")
+
     def acquire(self, takeover: bool = False) -> None:
-        """Create `_LOCK`; take over a stale one, or any one with `takeover`; else RunLocked."""
+        """Create the next epoch; a live holder's lock only with `takeover`, else RunLocked."""
         store = self.store
-        now = time.time()
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": now, "heartbeat_at": now}
-        if takeover:
-            holder = read_lock(store)
-            if holder:
-                self.say(f"taking over the run lock held by pid {holder.get('pid')} on {holder.get('host')} "
-                         f"(takeover_lock=true)")
-        if not _create_lock(store, owner, takeover=takeover):
-            holder = read_lock(store) or {}
-            stale = lock_staleness(holder, self.stale_s)
-            if stale is None:
-                age = time.time() - _heartbeat_at(holder)
-                raise RunLocked(
-                    f"run {store.url()} is locked by another driver (pid {holder.get('pid')} on host "
-                    f"{holder.get('host')}, heartbeat {age:.0f}s ago); if that driver is gone, rerun with "
-                    f"takeover_lock=true")
-            if holder:
-                self.say(f"taking over a stale run lock left by pid {holder.get('pid')} on "
-                         f"{holder.get('host')}: {stale}")
-            if not _create_lock(store, owner, takeover=bool(holder)):
-                holder = read_lock(store) or {}
-                raise RunLocked(f"run {store.url()} was locked by another driver (pid {holder.get('pid')} on "
-                                f"host {holder.get('host')}) while this one started")
-        mine = read_lock(store) or {}
-        if any(mine.get(k) != owner[k] for k in ("host", "pid", "started_at")):
-            raise RunLocked(f"the run lock of {store.url()} was taken by another driver while this one started")
-        self.owner = mine
+        holder = read_holder(store)
+        if holder is not None and not holder.released:
+            beat_at = last_beat_s(store, holder)
+            now = store.now()
+            age_s = math.inf if beat_at is None else now - beat_at
+            stale = lock_staleness(holder.info, self.stale_s, now=now, beat_at=now - age_s)
+            if takeover:
+                self.say(f"taking over the run lock held by {holder.describe()} (takeover_lock=true)")
+            elif stale is not None:
+                self.say(f"taking over a stale run lock left by {holder.describe()}: {stale}")
+            else:
+                raise RunLocked(self._locked(holder, age_s))
+        epoch = (holder.epoch if holder is not None else 0) + 1
+        owner = {"epoch": epoch, "lock_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                 "started_at": time.time(), "previous_epoch": holder.epoch if holder is not None else None}
+        # create-once: of two drivers taking the same epoch exactly one wins (the lock_id makes
+        # these bytes this driver's own, as create_once's retry check needs)
+        if not store.create_once(layout.lock_epoch(epoch), _json_bytes(owner)):
+            other = read_holder(store)
+            raise RunLocked(f"run {store.url()} was locked by another driver "
+                            f"({other.describe() if other else 'gone again'}) while this one started")
+        self.owner = owner
+        self.check(read=True)  # a faster driver may already have taken it over
         self._thread = threading.Thread(target=self._beat, name="cogview-ray-lock", daemon=True)
         self._thread.start()
 
+    def _locked(self, holder: Holder, age_s: float) -> str:
+        url = self.store.url()
+        if holder.info is None:
+            return (f"run {url} has an unreadable lock object {self.store.url(holder.rel)} written "
+                    f"{age_s:.0f}s ago; if no driver is running on this run, rerun with takeover_lock=true")
+        return (f"run {url} is locked by another driver ({holder.describe()}, heartbeat {age_s:.0f}s ago); "
+                f"if that driver is gone, rerun with takeover_lock=true")
+
     def _beat(self) -> None:
-        """Rewrite `_LOCK` with the same lock_id and a fresh `heartbeat_at` every `heartbeat_s`
-        (also while workers load); stop once another driver holds it."""
+        """Rewrite this epoch's heartbeat object every `heartbeat_s` (also while workers load);
+        stop once a later epoch exists. A late beat touches only this driver's own object."""
+        beat = 0
         while not self._stop.wait(self.heartbeat_s):
             try:
                 if not self._still_mine():
                     return
-                beat = dict(self.owner, heartbeat_at=time.time())
-                self.store.write(LOCK, _lock_bytes(beat))
-                self.owner = beat
+                beat += 1
+                self.store.write(layout.lock_heartbeat(self.epoch), _json_bytes(
+                    {"epoch": self.epoch, "lock_id": self.lock_id, "beat": beat, "heartbeat_at": time.time()}))
             except Exception as e:  # a missed beat only makes the lock look older
                 log.warning("could not refresh the run lock: %s", e)
 
     def _still_mine(self) -> bool:
-        current = read_lock(self.store) or {}
-        if current.get("lock_id") != self.lock_id:
-            self._lost = (f"the run lock of {self.store.url()} was taken over by another driver "
-                          f"(pid {current.get('pid')} on host {current.get('host')}); stopping")
-        return self._lost is None
+        """Look for epoch + 1: taking over always creates exactly the epoch after the holder's."""
+        started = time.monotonic()
+        successor = layout.lock_epoch(self.epoch + 1)
+        try:
+            data = self.store.read(successor)  # a GET: never answered from a cached listing
+        except FileNotFoundError:
+            self._last_read = started  # what `check` may trust for heartbeat_s from now
+            return True
+        holder = Holder(self.epoch + 1, successor, _parse_info(data))
+        self._lost = (f"the run lock of {self.store.url()} was taken over by another driver "
+                      f"({holder.describe()}, epoch {holder.epoch}), so this driver stops without writing more")
+        return False
 
     def check(self, read: bool = False) -> None:
-        """LockLost once another driver took the lock over; `read`: look at `_LOCK` now (before
-        a commit) rather than trust the last heartbeat."""
-        if read and self._lost is None:
+        """LockLost once another driver took the lock over. `read`: look at the store now (before a
+        commit or summary write); otherwise look at most every `heartbeat_s` (a driver waking from
+        a pause looks at once: its clock has moved on)."""
+        if self._lost is None and (read or time.monotonic() - self._last_read >= self.heartbeat_s):
             self._still_mine()
         if self._lost is not None:
             raise LockLost(self._lost)
 
     def release(self) -> None:
-        """Stop the heartbeat and delete `_LOCK`, unless another driver holds it by now."""
+        """Stop the heartbeat and mark this epoch released (never touching any other object);
+        a driver that lost the lock writes nothing."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.epoch is None or self._lost is not None:
+            return
         try:
-            if self.owner and (read_lock(self.store) or {}).get("lock_id") == self.lock_id:
-                self.store.delete(LOCK)
+            if self._still_mine():
+                self.store.create_once(layout.lock_release(self.epoch), _json_bytes(
+                    {"epoch": self.epoch, "lock_id": self.lock_id, "released_at": time.time()}))
         except Exception as e:  # the lock then looks stale to the next driver
             log.warning("could not release the run lock: %s", e)

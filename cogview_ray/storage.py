@@ -281,6 +281,35 @@ class RunStore:
         """Drop cached listings (s3fs caches them) before a resume scan."""
         self.fs.invalidate_cache()
 
+    def modified(self, rel: str) -> float:
+        """When the store last wrote `rel` (POSIX seconds on the store's clock: S3 LastModified,
+        local mtime); FileNotFoundError if absent. Asked of the store itself, never a cached listing."""
+        def op() -> float:
+            path = self.path(rel)
+            self.fs.invalidate_cache(path)  # s3fs would answer from a listing made earlier
+            info = self.fs.info(path)
+            stamp = next((info[k] for k in ("LastModified", "mtime", "last_modified", "updated")
+                          if info.get(k) not in (None, "")), None)
+            if stamp is None:
+                stamp = self.fs.modified(path)
+            return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+        return self._retry("check", rel, op)
+
+    def now(self) -> float:
+        """The store's clock: the modification time of a probe object written (and removed) now,
+        so that ages of objects are judged without trusting this host's clock."""
+        rel = f"{PROBE_DIR}/clock-{uuid.uuid4().hex}"
+        try:
+            self.write(rel, b"clock probe\n")
+            return self.modified(rel)
+        finally:
+            self.delete(rel)
+            if self._local:  # leave no empty probe folder in the run listing
+                try:
+                    os.rmdir(self.path(PROBE_DIR))
+                except OSError:
+                    pass
+
     # --- internals ---------------------------------------------------------------
     def _tmp_path(self) -> str:
         return f"{self.root}/{_TMP_DIR}/{uuid.uuid4().hex}"

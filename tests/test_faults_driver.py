@@ -16,8 +16,10 @@ import pytest
 
 pytest.register_assert_rewrite("tests.reliability")
 
-from cogview_ray.driver import Driver, RunError  # noqa: E402
-from cogview_ray.run_lock import lock_staleness  # noqa: E402
+from cogview_ray import layout  # noqa: E402
+from cogview_ray.driver import Driver  # noqa: E402
+from cogview_ray.errors import LockLost, RunLocked  # noqa: E402
+from cogview_ray.run_lock import lock_staleness, read_lock  # noqa: E402
 from cogview_ray.storage import RunStore  # noqa: E402
 from tests.reliability import (  # noqa: E402, F401 (tally is a fixture)
     check_invariants, check_rerendered, check_rerun_renders_nothing, check_resources_released, faults_env,
@@ -68,7 +70,7 @@ def test_driver_sigkill_then_the_same_command_resumes(ray_cluster, tiny_checkpoi
     assert 0 < len(committed) < 6 and len(inflight) <= 2 * 2  # workers x max_in_flight
     store = RunStore(str(tmp_path / "out"), "drv")
     check_invariants(tally, store, {data: 24}, complete=False)
-    assert store.exists("_LOCK")  # left behind by the killed driver
+    assert read_lock(store)["pid"] == first.pid  # left behind by the killed driver
 
     second = start_render(args, tmp_path, "second", env)
     tally.runs += 1
@@ -96,8 +98,8 @@ def test_driver_killed_between_images_manifest_and_marker_redoes_the_shard(ray_c
     trace, run_dir = tmp_path / "trace", tmp_path / "out" / "steps"
     store = RunStore(str(tmp_path / "out"), "steps")
 
-    def parts() -> set[str]:
-        return {p.stem for p in (run_dir / "manifest").glob("*.parquet")}
+    def parts() -> set[str]:  # shards with a manifest part (manifest/{shard}/{token}.parquet)
+        return {p.parent.name for p in (run_dir / "manifest").glob("*/*.parquet")}
 
     def rendered_shards() -> set[str]:  # shards whose 4 images are all written
         return {d.name for d in (run_dir / "images").iterdir() if len(list(d.glob("*.png"))) == 4}
@@ -170,14 +172,15 @@ def test_second_driver_refuses_then_takes_over_explicitly_and_the_old_one_stops(
     thread, result = _run_in_thread(old)
     tally.runs += 1
     _wait_for(lambda: _commits(run_dir), "the first driver's first commit")
-    # the heartbeat rewrites _LOCK with a fresh time and the same lock_id
-    _wait_for(lambda: json.loads((run_dir / "_LOCK").read_text())["heartbeat_at"] > old.lock.owner["started_at"],
-              "a heartbeat", timeout_s=10)
-    assert json.loads((run_dir / "_LOCK").read_text())["lock_id"] == old.lock.lock_id
+    # the heartbeat rewrites the holder's own heartbeat object, never the epoch object
+    beat = run_dir / layout.lock_heartbeat(1)
+    _wait_for(lambda: beat.exists() and json.loads(beat.read_text())["beat"] >= 2, "a heartbeat", timeout_s=10)
+    assert json.loads(beat.read_text())["lock_id"] == old.lock.lock_id == read_lock(
+        RunStore(str(tmp_path / "out"), "two"))["lock_id"]
     # a second driver refuses: the lock is held by a live driver (this very process)
-    with pytest.raises(RunError, match=rf"is locked by another driver \(pid {os.getpid()} on host "
-                                       rf"{socket.gethostname()}, heartbeat \d+s ago\); if that driver is "
-                                       rf"gone, rerun with takeover_lock=true"):
+    with pytest.raises(RunLocked, match=rf"is locked by another driver \(pid {os.getpid()} on host "
+                                        rf"{socket.gethostname()}, heartbeat \d+s ago\); if that driver is "
+                                        rf"gone, rerun with takeover_lock=true"):
         tally.run(cfg, out=io.StringIO())
     assert thread.is_alive()  # the refusal did not disturb the running driver
     # an explicit takeover: the new driver goes on, the old one notices and stops
@@ -185,14 +188,15 @@ def test_second_driver_refuses_then_takes_over_explicitly_and_the_old_one_stops(
     outcome = tally.run(dataclasses.replace(cfg, takeover_lock=True), out=log)
     thread.join(timeout=60)
     assert not thread.is_alive()
-    assert isinstance(result.get("error"), RunError) and "taken over by another driver" in str(result["error"])
+    assert isinstance(result.get("error"), LockLost) and "taken over by another driver" in str(result["error"])
     assert outcome.exit_code == 0 and outcome.shards_skipped >= 1
     assert f"taking over the run lock held by pid {os.getpid()}" in log.getvalue()
     store = RunStore(str(tmp_path / "out"), "two")
     check_invariants(tally, store, {data: 16})
     owners = {json.loads(store.read(f"commits/{s}.json"))["lock_id"] for s in _commits(run_dir)}
     assert old.lock.lock_id in owners and len(owners) == 2
-    assert not store.exists("_LOCK")  # the new driver released its lock; the old one left it alone
+    assert read_lock(store) is None  # the new driver released its lock (epoch 2) ...
+    assert not store.exists(layout.lock_release(1))  # ... and the old one, having lost it, wrote nothing
     check_resources_released()
 
 
@@ -208,12 +212,13 @@ def test_lock_rules(tmp_path, tiny_checkpoint, tally):
     assert lock_staleness({"host": "elsewhere", "pid": 1, "heartbeat_at": now - 5}, 120) is None
     assert lock_staleness({"host": here, "pid": os.getpid(), "heartbeat_at": now - 5}, 120) is None
 
-    # refused before anything is written (no Ray, no workers)
+    # refused before anything is written (no Ray, no workers); here the holder is an earlier
+    # release's `_LOCK`, live because the store wrote it just now
     data = write_prompts(tmp_path / "prompts.parquet", n=8)
     cfg = make_cfg(tiny_checkpoint, data, tmp_path / "out", "held")
     store = RunStore(str(tmp_path / "out"), "held")
     store.write("_LOCK", json.dumps({"host": "elsewhere", "pid": 4242, "started_at": now,
                                      "heartbeat_at": time.time(), "lock_id": "theirs"}).encode())
-    with pytest.raises(RunError, match="pid 4242 on host elsewhere.*takeover_lock=true"):
+    with pytest.raises(RunLocked, match="pid 4242 on host elsewhere.*takeover_lock=true"):
         tally.run(cfg, out=io.StringIO())
     assert store.list("") == ["_LOCK"] and json.loads(store.read("_LOCK"))["lock_id"] == "theirs"

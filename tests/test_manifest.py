@@ -1,4 +1,5 @@
-"""Manifest parts, commit markers (create-once, after the part) and run-level files."""
+"""Manifest parts (attempt-unique names, found through the marker), commit markers (create-once,
+after the part) and run-level files (create-once)."""
 import dataclasses
 import hashlib
 import io
@@ -42,17 +43,19 @@ def test_schema_matches_record_fields():
 
 def test_roundtrip_and_commit(store):
     records = make_records("00000") + make_records("00000", 2, start=10, file="more.parquet")
-    digest = mf.write_manifest_part(store, "00000", records)
-    assert digest == hashlib.sha256(store.read("manifest/00000.parquet")).hexdigest()
+    digest = mf.write_manifest_part(store, "00000", records, token="a1")
+    part = "manifest/00000/a1.parquet"
+    assert digest == hashlib.sha256(store.read(part)).hexdigest()
     assert mf.committed_shards(store) == set()
     assert mf.read_manifest(store).num_rows == 0  # not committed yet
     assert mf.read_manifest(store, committed_only=False).num_rows == 6
 
-    assert mf.commit_shard(store, "00000", {"rows": 6, "attempt": 1}) is True
+    assert mf.commit_shard(store, "00000", {"rows": 6, "attempt": 1}, part=part) is True
     marker = mf.read_commit(store, "00000")
     assert marker["manifest_sha256"] == digest
     assert (marker["ok"], marker["failed"], marker["rejected"], marker["rows"]) == (2, 2, 2, 6)
-    assert marker["attempt"] == 1 and marker["manifest"] == "manifest/00000.parquet"
+    assert marker["attempt"] == 1 and marker["manifest"] == part == mf.part_of(marker, "00000")
+    assert mf.read_part(store, "00000", columns=["row_index"]).column("row_index").to_pylist() == [10, 11, 0, 1, 2, 3]
     assert mf.committed_shards(store) == {"00000"}
 
     table = mf.read_manifest(store)
@@ -63,16 +66,28 @@ def test_roundtrip_and_commit(store):
         "id", "denoising_s"]
 
 
-def test_commit_is_once(store):
+def test_commit_is_once_and_a_late_part_is_an_orphan(store):
+    mf.write_manifest_part(store, "00001", make_records("00001"), token="first")
+    assert mf.commit_shard(store, "00001", {"rows": 4}, part="manifest/00001/first.parquet") is True
+    first = store.read("commits/00001.json")
+    # a late attempt writes its own part and loses the commit; readers still get the first part
+    late = [dataclasses.replace(r, attempt=2) for r in make_records("00001")]
+    mf.write_manifest_part(store, "00001", late, token="late")
+    assert mf.commit_shard(store, "00001", {"rows": 4, "attempt": 2}, part="manifest/00001/late.parquet") is False
+    assert store.read("commits/00001.json") == first
+    assert mf.read_manifest(store, columns=["attempt"]).column("attempt").to_pylist() == [1, 1, 1, 1]
+    assert mf.read_manifest(store, committed_only=False).num_rows == 8  # the orphan is still there
+
+
+def test_the_fixed_part_of_earlier_releases_is_final_once_committed(store):
     mf.write_manifest_part(store, "00001", make_records("00001"))
     assert mf.commit_shard(store, "00001", {"rows": 4}) is True
-    first = store.read("commits/00001.json")
-    assert mf.commit_shard(store, "00001", {"rows": 4, "attempt": 2}) is False
-    assert store.read("commits/00001.json") == first
+    assert mf.read_commit(store, "00001")["manifest"] == "manifest/00001.parquet"
     part = store.read("manifest/00001.parquet")
     with pytest.raises(ValueError, match="already committed"):
         mf.write_manifest_part(store, "00001", make_records("00001", 3))
     assert store.read("manifest/00001.parquet") == part
+    assert mf.part_of({"rows": 4}, "00001") == "manifest/00001.parquet"  # a marker that names no part
 
 
 def test_racing_commits_have_one_winner(store):
@@ -151,12 +166,33 @@ def test_shard_result_counts():
 
 def test_run_files(store):
     assert mf.read_run_info(store) is None
-    mf.write_run_info(store, {"config": {"render": {"seed": 0}}, "fingerprint": ["a"]})
+    assert mf.write_run_info(store, {"config": {"render": {"seed": 0}}, "fingerprint": ["a"]}) is True
+    assert mf.write_run_info(store, {"fingerprint": ["b"]}) is False  # created once
     assert mf.read_run_info(store)["fingerprint"] == ["a"]
 
     with pytest.raises(ValueError, match="totals"):
         mf.write_success(store, {"images_per_s": 1.0})
     totals = {"rows": 4, "ok": 2, "failed": 1, "rejected": 1, "shards": 1}
-    mf.write_success(store, {"totals": totals, "images_per_s": 1.5})
+    assert mf.write_success(store, {"totals": totals, "images_per_s": 1.5}) is True
+    assert mf.write_success(store, {"totals": dict(totals, rows=8), "images_per_s": 9.0}) is False
     assert mf.read_success(store)["totals"] == totals
     assert json.loads(store.read("_SUCCESS.json"))["images_per_s"] == 1.5
+
+
+@pytest.mark.parametrize("data", [b"", b"{not json", b"[1, 2]"])
+def test_unreadable_run_files_and_markers_name_the_object(tmp_path, data):
+    store = RunStore(str(tmp_path), "run1")
+    store.write("_run.json", data)
+    with pytest.raises(mf.CorruptRecord, match=rf"^{tmp_path}/run1/_run.json is unreadable \(not a JSON object\); "):
+        mf.read_run_info(store)
+    store.write("commits/00000.json", data)
+    with pytest.raises(mf.CorruptRecord, match=r"/run1/commits/00000.json is unreadable"):
+        mf.read_manifest(store)
+
+
+def test_a_marker_pointing_outside_its_shard_is_refused(tmp_path):
+    store = RunStore(str(tmp_path), "run1")
+    for bad in ("manifest/00001/x.parquet", "../x.parquet", "manifest/00000/a/b.parquet", "_run.json", 7):
+        store.write("commits/00000.json", json.dumps({"rows": 1, "manifest": bad}).encode())
+        with pytest.raises(mf.CorruptRecord, match="is not a manifest part of shard 00000"):
+            mf.read_manifest(store)
