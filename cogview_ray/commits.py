@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from . import layout
 from .errors import RunRefused
 from .hooks import Hooks
-from .manifest import (commit_shard, committed_shards, read_commits, read_success, write_manifest_part,
+from .manifest import (commit_shard, committed_shards, part_of, read_commits, read_success, write_manifest_part,
                        write_success)
 from .records import ShardResult, Status, failed_records
 from .rows import RowSpec
@@ -159,6 +159,15 @@ class Committer:
                 "row_start": shard.row_start, "row_stop": shard.row_stop, "committed_at": time.time(),
                 "lock_id": self.lock.lock_id, "lock_epoch": self.lock.epoch, **extra}
 
+    def _prune_parts(self, markers: dict) -> None:
+        """Delete manifest parts no marker points to (attempts that were never committed), so a
+        complete run's `manifest/` folder holds exactly one part per shard for any Parquet reader."""
+        keep = {part_of(marker, shard_id) for shard_id, marker in markers.items()}
+        orphans = [rel for rel in self.store.find(layout.MANIFEST_DIR) if rel.endswith(".parquet") and rel not in keep]
+        self.lock.check(read=True)
+        for rel in orphans:
+            self.store.delete(rel)
+
     def finalize(self, shards: list[Shard]) -> None:
         """`_SUCCESS.json` (created once) when every shard is committed ok, else `_FAILED.json`."""
         store, outcome = self.store, self.outcome
@@ -187,6 +196,7 @@ class Committer:
                 store.delete(layout.FAILED_SUMMARY)
             self.say(f"run {store.url()} finished with {len(failures)} failed shard(s); rerun to retry them")
             return
+        self._prune_parts(markers)
         if not write_success(store, summary):
             self.say(f"run {store.url()} already has its {layout.SUCCESS} from an earlier finalize; keeping it")
         store.delete(layout.FAILED_SUMMARY)  # left by an earlier invocation whose failures are now redone

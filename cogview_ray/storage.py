@@ -268,6 +268,21 @@ class RunStore:
 
         return self._retry("list", rel_dir or ".", op)
 
+    def find(self, rel_dir: str) -> list[str]:
+        """Every object below `rel_dir`, as paths relative to the run prefix (one paginated
+        listing on object stores, not one per folder)."""
+        base = self.path(rel_dir, allow_root=True).rstrip("/")
+
+        def op():
+            try:
+                found = self.fs.find(base)
+            except FileNotFoundError:
+                return []
+            root = self.path("", allow_root=True).rstrip("/") + "/"
+            return sorted(str(p)[len(root):] for p in found if str(p).startswith(root)
+                          and f"/{_TMP_DIR}/" not in f"/{str(p)[len(root):]}")
+        return self._retry("list", rel_dir, op)
+
     def delete(self, rel: str) -> None:
         """Remove `rel`; a missing object is not an error."""
         def op():

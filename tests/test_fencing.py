@@ -180,6 +180,27 @@ def test_a_committed_part_is_never_written_again(tmp_path):
     new.release()
 
 
+def test_a_complete_run_keeps_exactly_the_committed_parts(tmp_path):
+    """Parts of attempts that were never committed are deleted before `_SUCCESS.json`, so a plain
+    Parquet reader of `manifest/` sees one part per shard."""
+    _, shards, _ = _plan(tmp_path, 4)
+    store, said = RunStore(str(tmp_path / "out"), "run1"), []
+    lock = RunLock(store)
+    lock.acquire()
+    committer = _committer(store, lock, said)
+    mf.write_manifest_part(store, shards[0].shard_id, _result(store, shards[0]).records, token="0000000001-orphan")
+    orphan = layout.manifest_part(shards[0].shard_id, "0000000001-orphan")
+    assert orphan in store.find(layout.MANIFEST_DIR)
+    for shard in shards:
+        committer.commit(shard, _result(store, shard, attempt=2))
+    committer.finalize(shards)
+    parts = store.find(layout.MANIFEST_DIR)
+    assert len(parts) == len(shards) and orphan not in parts
+    assert parts == sorted(mf.part_of(mf.read_commit(store, s.shard_id), s.shard_id) for s in shards)
+    assert mf.read_success(store)["totals"]["rows"] == 10
+    lock.release()
+
+
 def test_success_is_written_once_and_a_late_failed_summary_is_removed(tmp_path):
     _, shards, _ = _plan(tmp_path, 5)
     store = RunStore(str(tmp_path / "out"), "run1")
