@@ -232,3 +232,171 @@ def test_uncommitted_part_is_ignored(local):
     fabricate(local)
     mf.write_manifest_part(local, "00002", [record("00002", 99, "ok", key="images/00002/x.png")])
     assert run_verify(local).verified
+
+
+# --- row coverage: markers record ranges; _run.json records the input ------------------
+def commit_range(store, shard, file, start, stop, rows=None, ranged=True):
+    """Commit `shard` with failed rows `rows` (default [start, stop)) of `file`; no objects."""
+    rows = range(start, stop) if rows is None else rows
+    records = [record(shard, i, "failed", id=f"{shard}-{i}", file=file, reason="nonfinite_output")
+               for i in rows]
+    mf.write_manifest_part(store, shard, records)
+    summary = {"rows": len(records)}
+    if ranged:
+        summary.update(file=file, row_start=start, row_stop=stop)
+    assert mf.commit_shard(store, shard, summary)
+    return len(records)
+
+
+def ranged_run(store, ranges, files=(("in.parquet", 12),), planned_rows=None, success=True, ranged=True):
+    """A run planned over `files` (path relative to the dataset root, rows) whose committed
+    shards are `ranges`: {shard: (file as the planner names it, start, stop)}."""
+    fingerprint = {"version": 3, "files": [{"path": p, "size": 1, "sha256": "0" * 64, "num_rows": n}
+                                           for p, n in files],
+                   "planned_rows": sum(n for _, n in files) if planned_rows is None else planned_rows}
+    mf.write_run_info(store, {"config": {}, "fingerprint": fingerprint})
+    rows = sum(commit_range(store, shard, *where, ranged=ranged) for shard, where in ranges.items())
+    if success:
+        mf.write_success(store, {"totals": dict(rows=rows, ok=0, failed=rows, rejected=0, shards=len(ranges))})
+    return store
+
+
+IN = "/data/in.parquet"  # the planner's name for the fingerprint's in.parquet
+
+
+def test_ranged_run_verifies_across_files_with_suffix_names(local):
+    ranged_run(local, {"f00000-000000": ("/data/a.parquet", 0, 5), "f00001-000000": ("/data/sub/a.parquet", 0, 2),
+                       "f00001-000001": ("/data/sub/a.parquet", 2, 3)},
+               files=(("a.parquet", 5), ("sub/a.parquet", 3)))
+    report = run_verify(local)
+    assert report.problems == [] and report.notes == []
+    assert report.totals["rows"] == 8 and report.totals["shards"] == 3
+
+
+def test_gap_left_by_resume_with_larger_shard_size(local):
+    # shard_size 4 committed [0, 4); the resume with shard_size 5 skipped its committed shard
+    # f00000-000000 and rendered [5, 10) and [10, 12): row 4 was never rendered
+    ranged_run(local, {"f00000-000000": (IN, 0, 4), "f00000-000001": (IN, 5, 10), "f00000-000002": (IN, 10, 12)})
+    assert_problems(run_verify(local), f"row 4 of {IN} is in no committed shard")
+
+
+def test_overlap_left_by_resume_with_smaller_shard_size(local):
+    # shard_size 6 committed [0, 6); the resume with shard_size 4 rendered [4, 8) and [8, 12)
+    ranged_run(local, {"f00000-000000": (IN, 0, 6), "f00000-000001": (IN, 4, 8), "f00000-000002": (IN, 8, 12)})
+    assert_problems(run_verify(local), f"shard f00000-000001 rows 4-5 of {IN} also appear in shard f00000-000000")
+
+
+def test_gap_of_a_run_in_progress_is_a_note(local):
+    ranged_run(local, {"f00000-000000": (IN, 0, 4), "f00000-000002": (IN, 8, 12)}, success=False)
+    report = run_verify(local)
+    assert report.verified
+    assert report.notes == [f"run in progress: 4 of 12 planned rows are in no committed shard yet "
+                            f"(rows 4-7 of {IN})"]
+    assert "note: run in progress" in report.summary()
+    mf.write_success(local, {"totals": dict(rows=8, ok=0, failed=8, rejected=0, shards=2)})
+    assert_problems(run_verify(local), f"rows 4-7 of {IN} are in no committed shard")
+
+
+def test_input_file_without_any_shard(local):
+    ranged_run(local, {"f00000-000000": ("/data/a.parquet", 0, 2)}, files=(("a.parquet", 2), ("b.parquet", 3)))
+    assert_problems(run_verify(local), "rows 0-2 of b.parquet are in no committed shard")
+
+
+def test_manifest_rows_differ_from_marker_range(local):
+    mf.write_run_info(local, {"config": {}, "fingerprint": {
+        "version": 3, "files": [{"path": "in.parquet", "size": 1, "num_rows": 8}], "planned_rows": 8}})
+    commit_range(local, "s0", IN, 0, 4)
+    commit_range(local, "s1", IN, 4, 8, rows=[4, 5, 6, 9])
+    mf.write_success(local, {"totals": dict(rows=8, ok=0, failed=8, rejected=0, shards=2)})
+    assert_problems(run_verify(local),
+                    f"shard s1: manifest part holds rows 4-6, 9 of {IN}, but its commit marker covers rows 4-7 of {IN}",
+                    f"row 7 of {IN} is in no committed shard",
+                    f"shard s1 row 9 of {IN} is past the 8 rows planned from that file")
+
+
+def test_marker_range_of_another_file(local):
+    ranged_run(local, {"s0": (IN, 0, 12)})
+    marker = json.loads(local.read("commits/s0.json"))
+    marker["file"] = "/data/other.parquet"
+    local.write("commits/s0.json", json.dumps(marker).encode())
+    assert_problems(run_verify(local), f"shard s0: manifest part holds rows 0-11 of {IN}, but its commit "
+                                       f"marker covers rows 0-11 of /data/other.parquet")
+
+
+def test_rows_of_a_file_outside_the_input(local):
+    ranged_run(local, {"s0": (IN, 0, 12), "s1": ("/data/other.parquet", 0, 2)})
+    assert_problems(run_verify(local), "shard s1 holds rows of /data/other.parquet, which is not an input file")
+
+
+def test_limit_cuts_the_planned_rows(local):
+    files = (("a.parquet", 10), ("b.parquet", 10))
+    ranged_run(local, {"s0": ("/d/a.parquet", 0, 10), "s1": ("/d/b.parquet", 0, 3)}, files=files, planned_rows=13)
+    assert run_verify(local).problems == []
+    local.delete("commits/s1.json")
+    local.delete("_SUCCESS.json")
+    commit_range(local, "s1", "/d/b.parquet", 0, 5)
+    assert_problems(run_verify(local), "shard s1 rows 3-4 of /d/b.parquet are past the 3 rows planned")
+
+
+def test_old_run_without_ranges_verifies_by_counts_with_notes(local):
+    fabricate(local)
+    report = run_verify(local)
+    assert report.verified
+    assert report.notes == [
+        "_run.json records no per-file row counts of the input: rows that no shard holds cannot be found",
+        "2 of 2 commit markers record no row range (written by an older cogview-ray): their shards are "
+        "checked by counts and manifest rows"]
+
+
+def test_markers_without_ranges_still_find_gaps_from_manifest_rows(local):
+    ranged_run(local, {"s0": (IN, 0, 4), "s1": (IN, 3, 8)}, ranged=False)
+    assert_problems(run_verify(local), f"shard s1 row 3 of {IN} also appears in shard s0",
+                    f"rows 8-11 of {IN} are in no committed shard")
+
+
+def test_part_named_by_the_marker_is_read(local):
+    """Attempt-unique part names: the marker's `manifest` key says which part is committed."""
+    ranged_run(local, {"s0": (IN, 0, 12)})
+    marker = json.loads(local.read("commits/s0.json"))
+    records = [record("s0", i, "failed", id=f"s0-{i}", file=IN, reason="nonfinite_output") for i in range(12)]
+    data = mf.manifest_bytes(records)
+    local.write("manifest/s0/attempt-2.parquet", data)
+    local.delete("manifest/s0.parquet")
+    marker.update(manifest="manifest/s0/attempt-2.parquet", manifest_sha256=sha256_hex(data))
+    local.write("commits/s0.json", json.dumps(marker).encode())
+    assert run_verify(local).problems == []
+    local.write("manifest/s0/attempt-3.parquet", b"an orphan of a late attempt")  # never read
+    assert run_verify(local).problems == []
+    marker["manifest"] = "../run2/manifest/s0.parquet"
+    local.write("commits/s0.json", json.dumps(marker).encode())
+    assert_problems(run_verify(local), "shard s0: commit marker names '../run2/manifest/s0.parquet', which is "
+                                       "not a manifest part of shard s0",
+                    "_SUCCESS.json says")  # its rows stay covered by the marker's range: no gap reported
+
+
+# --- bounded memory -------------------------------------------------------------------
+def test_duplicates_found_after_spilling_to_disk(local, monkeypatch):
+    import cogview_ray.verify as verify
+
+    monkeypatch.setattr(verify, "_SPILL_ROWS", 2)
+
+    def mutate(shard, records):
+        if shard == "00001":
+            records[2] = dataclasses.replace(records[2], id="id-0")
+            records[1] = dataclasses.replace(records[1], key=records[0].key)
+
+    fabricate(local, mutate=mutate)
+    report = verify_run(local.url(), check_objects=False)  # the objects no longer match their rows
+    assert_problems(report, "id 'id-0' is duplicated (shards 00000 and 00001)",
+                    "shard 00001 row 11 of in.parquet: key images/00001/id-10.png is also the output of shard 00001")
+
+
+def test_no_objects_skips_images(local):
+    from cogview_ray.cli import main
+
+    fabricate(local)
+    local.delete("images/00000/id-1.png")
+    report = verify_run(local.url(), check_objects=False)
+    assert report.problems == [] and report.totals["objects_checked"] == 0 and report.totals["ok"] == 4
+    assert main(["verify", local.url(), "--no-objects"]) == 0
+    assert main(["verify", local.url()]) == 1
