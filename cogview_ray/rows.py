@@ -10,23 +10,23 @@ from typing import Any, Optional
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cogview_ray.records import Reason, RenderParams, Status
 from cogview_ray.errors import DatasetError, first_line
+from cogview_ray.pages import open_parquet, read_row_range
 from cogview_ray.shards import Shard, is_string_type, open_planned
 
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000
 MAX_ID_CHARS = 256
 OVERRIDE_COLUMNS = ("seed", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale")
-# Streamed column-chunk reads: a shard in the middle of a big row group reads up to its end,
-# not the whole file.
+# Buffered column-chunk reads (pages.py reads only the pages a shard's rows are in).
 READ_BUFFER_BYTES = 1 << 20
 
 # No dots: webdataset readers split a tar member's name at its first dot into key and
-# extension, so `v1.2` would group with `v1`.
-_SAFE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# extension, so `v1.2` would group with `v1`. No capitals: on a case-insensitive filesystem
+# (macOS, SMB, the webdataset spool there) `Cat` and `cat` would be one file.
+_SAFE_ID_RE = re.compile(r"[a-z0-9_-]{1,128}")
 # Hashed keys end in -<16 hex>; ids with that tail are hashed too, so the two never collide.
 _HASHED_TAIL_RE = re.compile(r"-[0-9a-f]{16}")
 _UNSAFE_RUN_RE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -43,6 +43,7 @@ class RowSpec(RenderParams):
     row_index: int  # row number within the file
     status: Status  # pending | rejected
     reason: Optional[Reason]
+    error: Optional[str] = None  # what validation cut or refused, for the manifest's `error`
 
 
 def derived_id(file_index: int, row_index: int) -> str:
@@ -56,17 +57,20 @@ def derive_seed(run_seed: int, row_id: str) -> int:
 
 
 def object_key(row_id: str) -> str:
-    """A flat key that cannot leave the run prefix: safe ids as they are, others slug + hash.
+    """A flat, lower-case key that cannot leave the run prefix: safe ids as they are, others
+    slug + hash.
 
-    Safe ids: 1-128 of [A-Za-z0-9_-] (no dots), not ending like a hashed key. Anything else
-    (`v1.2`, `../x`, `/etc/passwd`, `a/b`, '', long or non-ASCII ids) becomes
-    '{slug}-{first 16 hex of sha256(id)}', at most 81 characters of [A-Za-z0-9_-].
+    Safe ids: 1-128 of [a-z0-9_-] (no dots, no capitals), not ending like a hashed key. Anything
+    else (`Cat`, `v1.2`, `../x`, `/etc/passwd`, `a/b`, '', long or non-ASCII ids) becomes
+    '{lower-cased slug}-{first 16 hex of sha256(id)}', at most 81 characters of [a-z0-9_-].
+    Every key is lower case, so ids differing only in case (`Cat`, `cat`) get keys that differ
+    also on a case-insensitive filesystem.
     """
     row_id = str(row_id)
     if _SAFE_ID_RE.fullmatch(row_id) and not _HASHED_TAIL_RE.search(row_id[-17:]):
         return row_id
     digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    slug = _UNSAFE_RUN_RE.sub("_", row_id)[:64].strip("_-")
+    slug = _UNSAFE_RUN_RE.sub("_", row_id)[:64].strip("_-").lower()
     return f"{slug or 'id'}-{digest}"
 
 
@@ -109,9 +113,11 @@ def read_shard_rows(shard: Shard, dataset_cfg: Any, render_cfg: Any,
         fs, _ = fsspec.core.url_to_fs(dataset_cfg.uri)
     prompt_col, id_col = dataset_cfg.prompt_column, dataset_cfg.id_column
     where = f"Dataset file {shard.file} rows {shard.row_start}-{shard.row_stop}"
+    # Footer and page locations are reused across shards of one file version (never without one).
+    cache_key = None if shard.file_version is None else (shard.file, shard.file_version)
     try:
         with open_planned(shard, fs) as f:
-            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+            pf = open_parquet(f, cache_key, buffer_size=READ_BUFFER_BYTES)
             names = pf.schema_arrow.names
             for col, what in ((prompt_col, "prompt"), (id_col, "id")):
                 if col is not None and col not in names:
@@ -121,7 +127,9 @@ def read_shard_rows(shard: Shard, dataset_cfg: Any, render_cfg: Any,
             columns = list(dict.fromkeys(
                 [prompt_col] + ([id_col] if id_col else []) + [c for c in OVERRIDE_COLUMNS if c in names]
             ))
-            table = _read_range(pf, columns, shard.row_start, shard.row_stop)
+            # costs O(the shard's rows) wherever they lie: pages of a big row group before them
+            # are not read
+            table = read_row_range(f, pf, columns, shard.row_start, shard.row_stop, cache_key)
     except DatasetError:
         raise
     except FileNotFoundError:
@@ -132,33 +140,6 @@ def read_shard_rows(shard: Shard, dataset_cfg: Any, render_cfg: Any,
         raise DatasetError(f"{where}: read {table.num_rows} rows instead of {shard.num_rows}.")
     values = {name: _column_values(table.column(name)) for name in columns}
     return _validate_rows(shard, values, prompt_col, id_col, render_cfg, limits)
-
-
-def _read_range(pf: pq.ParquetFile, columns: list[str], start: int, stop: int) -> pa.Table:
-    """Rows [start, stop) of the file, reading only the row groups that overlap them."""
-    schema = pf.schema_arrow
-    empty = pa.schema([schema.field(c) for c in columns]).empty_table()
-    if stop <= start:
-        return empty
-    groups, first_row, offset = [], None, 0
-    for i in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(i).num_rows
-        if offset < stop and offset + n > start:
-            groups.append(i)
-            first_row = offset if first_row is None else first_row
-        offset += n
-    if not groups:
-        return empty
-    pieces, position = [], first_row
-    batches = pf.iter_batches(batch_size=min(stop - start, 65536), row_groups=groups, columns=columns)
-    for batch in batches:
-        lo, hi = max(start - position, 0), min(stop - position, batch.num_rows)
-        if hi > lo:
-            pieces.append(batch.slice(lo, hi - lo))
-        position += batch.num_rows
-        if position >= stop:
-            break  # do not stream the rest of the row group
-    return pa.Table.from_batches(pieces, schema=pieces[0].schema) if pieces else empty
 
 
 def _column_values(column: pa.ChunkedArray) -> list:
@@ -197,14 +178,19 @@ def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_co
     heights, widths = column("height"), column("width")
     steps, guidances = column("num_inference_steps"), column("guidance_scale")
 
+    # Lengths are checked before anything else touches a cell (strip, tokenizer): a 10 MB prompt
+    # costs a len() and a bounded prefix in the manifest.
+    max_chars = render_cfg.max_prompt_chars
     seen: set[str] = set()
     rows = []
     for i in range(n):
         row_index = shard.row_start + i
         reasons: list[Reason] = []
+        errors: list[str] = []
 
         if id_col:
             row_id, id_ok = _parse_id(ids[i])
+            row_id = _capped(row_id, MAX_ID_CHARS, "id", errors)  # only a bad id is longer
             if not id_ok:
                 reasons.append(Reason.BAD_ID)
             elif row_id in seen:
@@ -218,6 +204,9 @@ def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_co
         if prompt is not None and not isinstance(prompt, str):
             reasons.append(Reason.BAD_PROMPT)
             prompt = None
+        elif prompt is not None and len(prompt) > max_chars:
+            reasons.append(Reason.PROMPT_TOO_LONG)
+            prompt = _capped(prompt, max_chars, "prompt", errors)
         elif prompt is None or not prompt.strip():
             reasons.append(Reason.EMPTY_PROMPT)
 
@@ -227,6 +216,9 @@ def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_co
         elif not isinstance(negative, str):
             reasons.append(Reason.BAD_NEGATIVE_PROMPT)
             negative = None
+        if negative is not None and len(negative) > max_chars:
+            reasons.append(Reason.PROMPT_TOO_LONG)
+            negative = _capped(negative, max_chars, "negative_prompt", errors)
 
         height = _parse_size(heights[i], render_cfg.height, limits)
         width = _parse_size(widths[i], render_cfg.width, limits)
@@ -260,8 +252,18 @@ def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_co
             row_index=row_index,
             status=Status.REJECTED if reason else Status.PENDING,
             reason=reason,
+            error="; ".join(errors) or None,
         ))
     return rows
+
+
+def _capped(text: str, limit: int, what: str, errors: list[str]) -> str:
+    """`text`, or its first `limit` characters with a note in `errors`: the manifest keeps a
+    bounded prefix of an oversized cell."""
+    if len(text) <= limit:
+        return text
+    errors.append(f"{what} has {len(text)} characters; limit {limit}")
+    return text[:limit]
 
 
 def _parse_id(value: Any) -> tuple[str, bool]:
@@ -271,9 +273,9 @@ def _parse_id(value: Any) -> tuple[str, bool]:
     if value is _INVALID:
         return "<invalid utf-8>", False
     if isinstance(value, bytes):
-        return value.hex(), False
+        return value[:MAX_ID_CHARS // 2].hex(), False
     text = str(value)
-    return text, bool(text.strip()) and len(text) <= MAX_ID_CHARS
+    return text, len(text) <= MAX_ID_CHARS and bool(text.strip())
 
 
 def _as_int(value: Any) -> Optional[int]:

@@ -89,6 +89,11 @@ class Sink(Protocol):
     def close(self) -> None:
         """Finish the shard (containers are uploaded here, in one PUT)."""
 
+    def discard(self) -> None:
+        """Give up the shard: nothing more is uploaded and no local file is left."""
+
+    # As a context manager: `close` when the block succeeds, `discard` when it raises.
+
 
 class FilesSink:
     """`images/{shard}/{key}.{ext}`, each written as soon as it is added."""
@@ -112,7 +117,11 @@ class FilesSink:
         return self
 
     def __exit__(self, exc_type, *_):
-        self.close()
+        # images already written stay: a retry overwrites them with the same bytes
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 class _SpooledSink:
@@ -142,7 +151,9 @@ class _SpooledSink:
         return f"{self.rel}#{key}.{self.ext}"
 
     def close(self) -> None:
-        """Build and upload the container (nothing is uploaded for an empty shard)."""
+        """Build and upload the container (nothing is uploaded for an empty shard). The spool
+        is removed whether or not the upload succeeds: a failed attempt is redone from scratch,
+        and at 1024 px a 1000-row spool is about 1.5 GB."""
         if self._closed:
             return
         try:
@@ -150,10 +161,8 @@ class _SpooledSink:
                 out = os.path.join(self._dir, "_container")
                 self._build(out, sorted(self._keys))
                 self.store.upload(self.rel, out)
-            self._closed = True
         finally:
-            if self._closed:
-                self.discard()
+            self.discard()
 
     def discard(self) -> None:
         """Drop spooled members without uploading."""

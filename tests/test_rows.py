@@ -2,6 +2,7 @@
 arbitrary tables always give one RowSpec per input row."""
 import hashlib
 import math
+import random
 import re
 import tempfile
 from pathlib import Path
@@ -103,6 +104,24 @@ def test_seeds(tmp_path):
     assert reasons(rows) == ["bad_seed"] * 3 + [None] and rows[3].seed == 3
 
 
+def test_prompt_length_limit(tmp_path):
+    render = RenderConfig(height=128, width=128, negative_prompt=None, max_prompt_chars=10)
+    table = pa.table({"prompt": ["x" * 10, "y" * 11, " " * 11, "p", "z" * 12],
+                      "negative_prompt": [None, None, None, "n" * 11, "m" * 10]})
+    rows = rows_of(tmp_path / "l.parquet", table, render=render)
+    assert reasons(rows) == [None, "prompt_too_long", "prompt_too_long", "prompt_too_long", "prompt_too_long"]
+    assert [r.prompt for r in rows] == ["x" * 10, "y" * 10, " " * 10, "p", "z" * 10]
+    assert [r.negative_prompt for r in rows] == [None, None, None, "n" * 10, "m" * 10]
+    assert [r.error for r in rows] == [None, "prompt has 11 characters; limit 10", "prompt has 11 characters; limit 10",
+                                       "negative_prompt has 11 characters; limit 10",
+                                       "prompt has 12 characters; limit 10"]
+    assert rows[0].key is not None and all(r.key is None for r in rows[1:])
+    # the default negative prompt counts too (config validation refuses it; rows do not trust that)
+    long_default = RenderConfig(height=128, width=128, negative_prompt="q" * 11, max_prompt_chars=10)
+    (row,) = rows_of(tmp_path / "d.parquet", pa.table({"prompt": ["p"]}), render=long_default)
+    assert (row.reason, row.negative_prompt) == ("prompt_too_long", "q" * 10)
+
+
 def test_ids(tmp_path):
     ids = ["a", "b", "a", None, "", "  ", "x" * 257, "y" * 256, "../x", "b", "/etc/passwd"]
     rows = rows_of(tmp_path / "i.parquet", pa.table({"prompt": ["p"] * len(ids), "uid": ids}), id_column="uid")
@@ -110,6 +129,9 @@ def test_ids(tmp_path):
                              "duplicate_id", None]
     pending = [r for r in rows if r.status == "pending"]
     assert [r.row_id for r in pending] == ["a", "b", "y" * 256, "../x", "/etc/passwd"]
+    # a too-long id is kept as a bounded prefix, and the manifest's error says so
+    assert (rows[6].row_id, rows[6].error) == ("x" * 256, "id has 257 characters; limit 256")
+    assert all(r.error is None for i, r in enumerate(rows) if i != 6)
     assert all("/" not in r.key and not r.key.startswith(".") for r in pending)
     # first occurrence wins even when it is rejected for another reason
     rows = rows_of(tmp_path / "j.parquet", pa.table({"prompt": [None, "p"], "uid": ["k", "k"]}), id_column="uid")
@@ -202,7 +224,7 @@ def test_derive_seed():
 
 # ---------------------------------------------------------------- object keys
 
-KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+KEY_RE = re.compile(r"[a-z0-9_-]+")  # lower case: one object per key on a case-insensitive filesystem
 
 
 def test_object_key_examples():
@@ -232,11 +254,33 @@ def test_object_key_is_always_safe(row_id):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.one_of(st.text(max_size=40), st.from_regex(r"[a-z_./-]{0,20}", fullmatch=True)),
+@given(st.lists(st.one_of(st.text(max_size=40), st.from_regex(r"[a-zA-Z_./-]{0,20}", fullmatch=True)),
                 unique=True, max_size=40))
 def test_distinct_ids_give_distinct_keys(ids):
     ids = ids + [object_key(i) for i in ids if object_key(i) not in ids]  # keys reused as ids
-    assert len({object_key(i) for i in ids}) == len(ids)
+    ids = ids + [i.swapcase() for i in ids if i.swapcase() not in ids]  # ids differing only in case
+    # distinct even where the filesystem ignores case (macOS, SMB)
+    assert len({object_key(i).lower() for i in ids}) == len(ids)
+
+
+def test_ids_differing_only_in_case_get_different_keys():
+    assert object_key("Cat").lower() != object_key("cat").lower()
+    assert object_key("Cat") == "cat-" + hashlib.sha256(b"Cat").hexdigest()[:16]
+    assert object_key("IMG_01.PNG") == "img_01_png-" + hashlib.sha256(b"IMG_01.PNG").hexdigest()[:16]
+    rng = random.Random(0)
+    for word in ("cat", "row-0042", "a_b-c", "x" * 128, "f00000-000000042", "0123456789abcdef"):
+        variants = {word.upper(), word.lower(), word.title()}
+        variants |= {"".join(c.upper() if rng.random() < 0.5 else c for c in word) for _ in range(40)}
+        keys = {object_key(v) for v in variants}
+        assert len({k.lower() for k in keys}) == len(variants), word
+        assert all(k == k.lower() and KEY_RE.fullmatch(k) for k in keys)
+
+
+def test_lowercase_safe_ids_keep_their_keys():
+    for row_id in ("cat", "cat-001", "f00000-000000042", "a_b", "-", "_x_", "9", "x" * 128, "row-0123456789abcde"):
+        assert object_key(row_id) == row_id
+    # a lowercase id shaped like a hashed key is still hashed, as before
+    assert object_key("cat-0123456789abcdef") != "cat-0123456789abcdef"
 
 
 def test_group_for_render_keeps_order():

@@ -178,3 +178,129 @@ def test_container_upload_survives_transient_errors(tmp_path):
     assert write_shard(store, "webdataset", items) == keys
     assert flaky.calls["put_file"] == 3
     assert store.read("shards/00007.tar") == clean
+
+
+# --- failed attempts leave no local files ---------------------------------------------
+@pytest.fixture
+def spool_dir(tmp_path, monkeypatch):
+    """The folder `tempfile` hands out for this test (where container sinks spool)."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _left(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_attempt_that_raises_leaves_no_local_files(tmp_path, spool_dir, fmt):
+    store = RunStore(str(tmp_path / "out"), "run1")
+    with pytest.raises(RuntimeError, match="render crashed"):
+        with make_sink(fmt, store, "00003", "png") as sink:
+            for key, data, meta in samples():
+                sink.add(key, data, meta)
+            assert len(_left(spool_dir)) == (0 if fmt == "files" else 7)  # folder + 3 x (img, json)
+            raise RuntimeError("render crashed")
+    assert _left(spool_dir) == []
+    assert not store.exists("shards/00003.tar") and not store.exists("shards/00003.parquet")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_failed_upload_leaves_no_local_files(tmp_path, spool_dir, fmt, monkeypatch):
+    store = RunStore(str(tmp_path / "out"), "run1")
+
+    def store_down(*_args, **_kwargs):
+        raise ConnectionError("store down")
+
+    monkeypatch.setattr(store, "upload", store_down)  # containers: in close
+    monkeypatch.setattr(store, "write", store_down)  # files: in add
+    with pytest.raises(ConnectionError, match="store down"):
+        with make_sink(fmt, store, "00003", "png") as sink:
+            for key, data, meta in samples():
+                sink.add(key, data, meta)
+    assert _left(spool_dir) == []
+    if fmt != "files":  # a failed close is final: the spool is gone, so is the sink
+        with pytest.raises(RuntimeError, match="closed"):
+            sink.add("d-3", b"x", {})
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_a_failed_container_build_leaves_no_local_files(tmp_path, spool_dir, fmt, monkeypatch):
+    store = RunStore(str(tmp_path / "out"), "run1")
+    sink = make_sink(fmt, store, "00003", "png")
+
+    def build_half(out_path, keys):
+        with open(out_path, "wb") as f:
+            f.write(b"half a container")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sink, "_build", build_half)
+    for key, data, meta in samples():
+        sink.add(key, data, meta)
+    with pytest.raises(OSError, match="No space"):
+        sink.close()
+    assert _left(spool_dir) == []
+    assert store.list("shards") == []
+
+
+def _worker(tmp_path, checkpoint, fmt, rows=12):
+    """A RenderWorker built without Ray on the tiny checkpoint, and its one shard."""
+    import fsspec
+
+    from cogview_ray.config import load_config
+    from cogview_ray.shards import plan_shards
+    from cogview_ray.worker import RenderWorker
+
+    pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(rows)]}), str(tmp_path / "p.parquet"))
+    cfg = load_config(None, [
+        f"model.path={checkpoint}", "model.dtype=float32", "model.device=cpu",
+        f"dataset.uri={tmp_path}/p.parquet", f"dataset.shard_size={rows}",
+        "render.height=64", "render.width=64", "render.num_inference_steps=2", "render.batch_size=2",
+        f"output.uri={tmp_path}/out", "output.run_id=r", f"output.format={fmt}"])
+    shards, _ = plan_shards(cfg.dataset, fsspec.filesystem("file"))
+    return RenderWorker(cfg, "r", "w00.0"), shards[0]
+
+
+def _fail_on_call(fn, n, error):
+    """`fn`, except that its n-th call raises `error`; the calls made are counted in `.calls`."""
+    def wrapped(*args, **kwargs):
+        wrapped.calls += 1
+        if wrapped.calls == n:
+            raise error
+        return fn(*args, **kwargs)
+
+    wrapped.calls, wrapped.n = 0, n
+    return wrapped
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("stage", ["render", "encode", "upload"])
+def test_a_failed_shard_attempt_leaves_no_local_files(tmp_path, tiny_checkpoint, spool_dir, monkeypatch,
+                                                      fmt, stage):
+    from cogview_ray import worker as worker_mod
+
+    worker, shard = _worker(tmp_path, tiny_checkpoint, fmt)
+    with monkeypatch.context() as patch:
+        if stage == "render":  # the third of six batches
+            fault = _fail_on_call(worker.pipe.generate, 3, RuntimeError("device lost"))
+            patch.setattr(worker.pipe, "generate", fault)
+        elif stage == "encode":  # in the writer thread, the fifth of twelve images
+            fault = _fail_on_call(worker_mod.encode_image, 5, RuntimeError("encoder crashed"))
+            patch.setattr(worker_mod, "encode_image", fault)
+        else:  # containers upload in close; files write each image as it is added
+            name = "write" if fmt == "files" else "upload"
+            fault = _fail_on_call(getattr(worker.store, name), 5 if fmt == "files" else 1,
+                                  ConnectionError("store down"))
+            patch.setattr(worker.store, name, fault)
+        with pytest.raises((RuntimeError, ConnectionError), match="device lost|encoder crashed|store down"):
+            worker.render_shard(shard, 1, 0.0)
+        assert fault.calls >= fault.n  # the fault did fire
+    assert _left(spool_dir) == []
+    # the same worker then renders the shard in full, and that attempt leaves nothing either
+    result = worker.render_shard(shard, 2, 0.0)
+    assert [r.status for r in result.records] == ["ok"] * 12
+    assert _left(spool_dir) == []
