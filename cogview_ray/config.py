@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (
@@ -29,7 +29,9 @@ MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000
 
 DTYPES = ("auto", "bfloat16", "float32")
-COMPILE_MODES = ("none", "default", "max-autotune")
+COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs")
+# "auto": timed at worker start on CUDA; fa3 needs flash_attn_interface (model/attention.py)
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "fa3")
 DEVICES = ("auto", "cuda", "cpu")
 FORMATS = ("files", "webdataset", "parquet")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
@@ -41,13 +43,19 @@ RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # layout) unless its field says otherwise, so a new setting is part of the resume check by default.
 OUTPUT_DEFINING = "output_defining"
 _NOT_DEFINING = {OUTPUT_DEFINING: False}
+# Settings added after runs existed: left out of the identity at their default (the behaviour of
+# those runs), so older `_run.json`s and default run ids stay valid; any other value counts.
+OMIT_IF_DEFAULT = "omit_if_default"
+_NEW_SETTING = {OMIT_IF_DEFAULT: True}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = MISSING
     dtype: str = "auto"
-    compile: str = field(default="none", metadata=_NOT_DEFINING)
+    # compiled kernels and the attention backend change output bytes in the last bits
+    compile: str = field(default="none", metadata=_NEW_SETTING)
+    attention: str = field(default="auto", metadata=_NEW_SETTING)
     device: str = field(default="auto", metadata=_NOT_DEFINING)
 
 
@@ -73,6 +81,9 @@ class RenderConfig:
     max_sequence_length: int = 224
     # longer prompts and negative prompts are rejected (prompt_too_long) before tokenizing
     max_prompt_chars: int = 10_000
+    # [height, width] pairs compiled at worker start besides height x width; with compiling, rows
+    # of other sizes run eagerly (their bytes depend on this list, so it is output-defining)
+    sizes: List[List[int]] = field(default_factory=list, metadata=_NEW_SETTING)
 
 
 @dataclass(frozen=True)
@@ -290,6 +301,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _nonempty_str("model.path", m.path)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.compile", m.compile, COMPILE_MODES)
+    _choice("model.attention", m.attention, ATTENTION_BACKENDS)
     _choice("model.device", m.device, DEVICES)
 
     _nonempty_str("dataset.uri", d.uri)
@@ -310,6 +322,11 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _int_range("render.seed", r.seed, 0, MAX_SEED)
     _int_range("render.max_sequence_length", r.max_sequence_length, 1, None)
     _int_range("render.max_prompt_chars", r.max_prompt_chars, 1, None)
+    for i, pair in enumerate(r.sizes):
+        if len(pair) != 2:
+            raise ConfigError(f"Config key render.sizes[{i}] must be a [height, width] pair, got {list(pair)!r}.")
+        _int_range(f"render.sizes[{i}][0]", pair[0], 1, None)
+        _int_range(f"render.sizes[{i}][1]", pair[1], 1, None)
     if r.negative_prompt is not None and len(r.negative_prompt) > r.max_prompt_chars:
         raise ConfigError(f"Config key render.negative_prompt has {len(r.negative_prompt)} characters; "
                           f"render.max_prompt_chars is {r.max_prompt_chars}.")

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
-from .config import OUTPUT_DEFINING, RunConfig
+from .config import OMIT_IF_DEFAULT, OUTPUT_DEFINING, RunConfig
 from .credentials import strip_userinfo
 
 # How rows.derive_seed turns (render.seed, row id) into a row's seed. Bump it with any change
@@ -37,8 +37,16 @@ def _defining(section: Any) -> dict:
         if not f.metadata.get(OUTPUT_DEFINING, True):
             continue
         value = getattr(section, f.name)
+        if f.metadata.get(OMIT_IF_DEFAULT) and value == _default(f):
+            continue
         out[f.name] = _defining(value) if dataclasses.is_dataclass(value) else strip_userinfo(value)
     return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def diff_output_defining(old: dict, new: dict) -> list[str]:
@@ -77,3 +85,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             flat[name] = value
     return flat
+
+
+def runtime_identity(pipeline_identity: dict, torch_version: str, device_name: str,
+                     cudnn_version: Any = None) -> dict:
+    """What a worker renders with that changes output bytes besides the config: the resolved
+    compile mode, attention backend and dtype (from `Pipeline.identity`), the torch and cuDNN
+    versions and the device model. Every worker of a run must report the same; a resume must
+    find the one `_run.json` recorded (compare with `diff_output_defining`)."""
+    return {"compile": pipeline_identity.get("compile", "none"),
+            "attention": pipeline_identity.get("attention"),
+            "dtype": pipeline_identity.get("dtype"),
+            "torch": torch_version, "cudnn": cudnn_version, "device": device_name}

@@ -1,11 +1,14 @@
-"""Benchmark our pipeline against the diffusers reference on the same checkpoint.
+"""Benchmark our pipeline (each compile mode and attention backend) against the diffusers reference.
 
-    python jobs/benchmark.py model --preset small --height 256 --width 256 --steps 4 --images 4
-    python jobs/benchmark.py model --checkpoint /models/CogView3Plus-3b --device cuda --compile both
+    python jobs/benchmark.py model --preset small --height 256 --width 256 --steps 4 --runs 5
+    python jobs/benchmark.py model --checkpoint /ckpt/full --device cuda --height 1024 --width 1024 \\
+        --steps 4 --scale-steps 50 --compile all --attention all --skip-reference --json-out bench.json
 
-Prints seconds per image for each variant (ours and diffusers; eager and compiled), the ratio
-diffusers/ours (> 1 means ours is faster), and on CUDA the model FLOP utilisation. Needs only
-torch, transformers, safetensors and diffusers: no Ray, no network.
+Per variant: s/image p50/p90 over --runs timed batches (each after a warm-up at the timed batch, so
+nothing compiles while timed), per-phase times, peak device memory, compile seconds apart, and on
+CUDA the model FLOP utilisation against the device's dense peak. With --scale-steps, times are
+scaled to that many steps (text encoding and decode once, denoising per step). Needs only torch,
+transformers and safetensors (diffusers for the reference): no Ray, no network.
 """
 from __future__ import annotations
 
@@ -15,16 +18,53 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cogview_ray.model.checkpoint import make_checkpoint  # noqa: E402
 from cogview_ray.model import load_pipeline, resolve_device  # noqa: E402
+from cogview_ray.model.attention import ATTENTION_BACKENDS, fa3_available  # noqa: E402
+from cogview_ray.model.checkpoint import make_checkpoint  # noqa: E402
+from cogview_ray.model.compiled import COMPILE_MODES  # noqa: E402
 
-# dense bf16 / fp32 peak TFLOP/s by device-name fragment (vendor datasheets)
-PEAK_TFLOPS = {"H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6)}
+# (device-name fragment, dense bf16, fp32 without tensor cores) TFLOP/s from vendor datasheets;
+# the first fragment found in torch.cuda.get_device_name() wins, so specific names come first
+PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100 NVL", 835.0, 60.0),
+    ("H100", 989.0, 67.0),  # SXM5: "NVIDIA H100 80GB HBM3"
+    ("H200 NVL", 835.0, 60.0),
+    ("H200", 989.0, 67.0),  # SXM
+    ("A100", 312.0, 19.5),  # 40 GB and 80 GB, SXM4 and PCIe
+    ("L40S", 362.0, 91.6),
+    ("L40", 181.0, 90.5),  # before "L4", which it contains
+    ("L4", 121.0, 30.3),
+]
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype) -> Optional[float]:
+    """Dense peak TFLOP/s of a device for bf16 (tensor cores) or fp32; None when unknown."""
+    for fragment, bf16, fp32 in PEAK_TFLOPS:
+        if fragment.lower() in device_name.lower():
+            return bf16 if dtype == torch.bfloat16 else fp32
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil
+    return ordered[int(rank) - 1]
+
+
+def plan_variants(compiles: list[str], attentions: list[str]) -> list[tuple[str, str]]:
+    """(compile, attention) pairs: both axes swept one at a time (attention backends eager, compile
+    modes with the first attention), or the full product when one axis has a single value."""
+    if len(compiles) > 1 and len(attentions) > 1:
+        return [("none", a) for a in attentions] + [(c, attentions[0]) for c in compiles if c != "none"]
+    return [(c, a) for c in compiles for a in attentions]
 
 
 def _sync(device: torch.device) -> None:
@@ -33,10 +73,7 @@ def _sync(device: torch.device) -> None:
 
 
 def count_flops(pipe, height: int, width: int, guidance: float, steps: int) -> float:
-    """FLOPs for one image: transformer forwards (x2 with CFG) x steps + one VAE decode.
-
-    Calls the CogView3-Plus transformer and VAE directly (eager, whatever the compile mode).
-    """
+    """FLOPs for one image: transformer forwards (x2 with CFG) x steps + one VAE decode (eager)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     f = pipe.vae.downscale_factor
@@ -57,34 +94,80 @@ def count_flops(pipe, height: int, width: int, guidance: float, steps: int) -> f
     return step_flops * steps + decode_flops
 
 
-def time_ours(pipe, args, prompts, seeds) -> float:
-    pipe.generate(prompts[:1], seeds[:1], args.height, args.width, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance)  # warm-up (compiles when compiling)
-    _sync(pipe.device)
+def _timed(device, fn) -> float:
+    _sync(device)
     t0 = time.perf_counter()
-    for i in range(0, len(prompts), args.batch):
-        pipe.generate(prompts[i:i + args.batch], seeds[i:i + args.batch], args.height, args.width,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance)
-    _sync(pipe.device)
-    return (time.perf_counter() - t0) / len(prompts)
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
-def time_reference(ref, args, prompts, seeds, device, max_len: int) -> float:
-    def call(p, s):
-        gens = [torch.Generator("cpu").manual_seed(x) for x in s]
-        ref(prompt=p, height=args.height, width=args.width, num_inference_steps=args.steps,
+def _scale(phases: dict, steps: int, scale_steps: Optional[int]) -> float:
+    """Seconds for one image with denoising scaled from `steps` to `scale_steps` steps."""
+    factor = (scale_steps or steps) / steps
+    return phases.get("text_encoding", 0.0) + phases.get("denoising", 0.0) * factor + phases.get("decoding", 0.0)
+
+
+def bench_ours(pipe, args, prompts: list[str]) -> dict:
+    dev, b = pipe.device, args.batch
+    kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    # warm-up at the timed batch and size: every compile happens here, none while timed
+    warm_s = _timed(dev, lambda: pipe.generate(prompts[:b], list(range(b)), args.height, args.width, **kw))
+    runs, phases = [], []
+    for r in range(args.runs):
+        seeds = list(range(b * (r + 1), b * (r + 2)))
+        out = {}
+        runs.append(_timed(dev, lambda: out.setdefault(
+            "res", pipe.generate(prompts[:b], seeds, args.height, args.width, **kw))) / b)
+        phases.append({k: v / b for k, v in out["res"].timings_s.items()})
+    p50 = percentile(runs, 50)
+    median_phases = {k: percentile([p[k] for p in phases], 50) for k in phases[0]}
+    row = {"s_per_image_p50": p50, "s_per_image_p90": percentile(runs, 90), "phases_s": median_phases,
+           "warmup_s": warm_s, "compile_s": max(0.0, warm_s - p50 * b)}
+    if args.scale_steps:
+        row["s_per_image_scaled"] = _scale(median_phases, args.steps, args.scale_steps)
+    if dev.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return row
+
+
+def bench_reference(ckpt: str, family: str, mode: str, args, prompts, device, dtype, max_len: int) -> dict:
+    import diffusers
+
+    # the reference class of the same name as the checkpoint's model_index `_class_name`
+    ref = getattr(diffusers, family).from_pretrained(ckpt, torch_dtype=dtype).to(device)
+    ref.set_progress_bar_config(disable=True)
+    if mode != "none":
+        m = None if mode == "default" else mode
+        ref.transformer = torch.compile(ref.transformer, mode=m)
+        ref.vae.decode = torch.compile(ref.vae.decode, mode=m)
+    b = args.batch
+
+    def call(seeds):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        ref(prompt=prompts[:b], height=args.height, width=args.width, num_inference_steps=args.steps,
             guidance_scale=args.guidance, generator=gens, output_type="pt", max_sequence_length=max_len)
 
-    call(prompts[:1], seeds[:1])
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), args.batch):
-        call(prompts[i:i + args.batch], seeds[i:i + args.batch])
-    _sync(device)
-    return (time.perf_counter() - t0) / len(prompts)
+    warm_s = _timed(device, lambda: call(list(range(b))))  # warmed at the timed batch, as ours
+    runs = [_timed(device, lambda: call(list(range(b * (r + 1), b * (r + 2))))) / b for r in range(args.runs)]
+    p50 = percentile(runs, 50)
+    return {"s_per_image_p50": p50, "s_per_image_p90": percentile(runs, 90), "warmup_s": warm_s,
+            "compile_s": max(0.0, warm_s - p50 * b)}
+
+
+def _as_list(value: str, choices: tuple[str, ...], all_: list[str]) -> list[str]:
+    names = all_ if value == "all" else value.split(",")
+    bad = [n for n in names if n not in choices]
+    if bad:
+        raise SystemExit(f"unknown choice(s) {bad}; expected {choices} or 'all'")
+    return names
 
 
 def bench_model(args) -> dict:
+    from cogview_ray.model.cogview3plus import CogView3PlusPipeline
+
     device = resolve_device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
@@ -92,61 +175,86 @@ def bench_model(args) -> dict:
     if ckpt is None:
         ckpt = str(Path(tempfile.mkdtemp()) / args.preset)
         make_checkpoint(args.preset, ckpt)
-    prompts = [f"benchmark prompt {i}: a harbour at dusk, oil painting" for i in range(args.images)]
-    seeds = list(range(args.images))
-    modes = ["none", "default"] if args.compile == "both" else [args.compile]
-    results = {"checkpoint": ckpt, "device": str(device), "dtype": dtype_name, "height": args.height,
-               "width": args.width, "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
-               "images": args.images, "torch": torch.__version__, "rows": []}
-    if device.type == "cuda":
-        results["device_name"] = torch.cuda.get_device_name(device)
-    flops = None
-    for mode in modes:
-        pipe = load_pipeline(ckpt, device=device, dtype=dtype_name, compile=mode)
-        if flops is None:
-            flops = count_flops(pipe, args.height, args.width, args.guidance, args.steps)
-        t0 = time.perf_counter()
-        ours = time_ours(pipe, args, prompts, seeds)
-        row = {"variant": f"ours[{mode}]", "s_per_image": ours, "wall_incl_warmup_s": time.perf_counter() - t0}
-        results["rows"].append(row)
-        family, max_len = pipe.identity["family"], pipe.max_sequence_length
-        del pipe
-        if not args.skip_reference:
-            import diffusers
-
-            # the reference class of the same name as the checkpoint's model_index `_class_name`
-            Reference = getattr(diffusers, family)
-            ref = Reference.from_pretrained(ckpt, torch_dtype=dtype).to(device)
-            ref.set_progress_bar_config(disable=True)
-            if mode != "none":
-                ref.transformer = torch.compile(ref.transformer)
-                ref.vae.decode = torch.compile(ref.vae.decode)
-            theirs = time_reference(ref, args, prompts, seeds, device, max_len)
-            results["rows"].append({"variant": f"diffusers[{mode}]", "s_per_image": theirs})
-            row["speedup_vs_diffusers"] = theirs / ours
-            del ref
+    attentions_all = ["auto", "flash", "cudnn", "efficient", "math"] + (["fa3"] if fa3_available() else [])
+    compiles = _as_list("none,default" if args.compile == "both" else args.compile, COMPILE_MODES,
+                        list(COMPILE_MODES))
+    attentions = _as_list(args.attention, ATTENTION_BACKENDS, attentions_all)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results = {"checkpoint": ckpt, "device": str(device), "device_name": device_name, "dtype": dtype_name,
+               "height": args.height, "width": args.width, "steps": args.steps, "scale_steps": args.scale_steps,
+               "guidance": args.guidance, "batch": args.batch, "runs": args.runs, "torch": torch.__version__,
+               "rows": []}
+    prompts = [f"benchmark prompt {i}: a harbour at dusk, oil painting" for i in range(args.batch)]
+    t0 = time.perf_counter()
+    base = load_pipeline(ckpt, device=device, dtype=dtype_name)
+    results["load_s"] = time.perf_counter() - t0
+    steps_for_flops = args.scale_steps or args.steps
+    flops = count_flops(base, args.height, args.width, args.guidance, steps_for_flops)
     results["flops_per_image"] = flops
-    if device.type == "cuda":
-        name = results["device_name"]
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        peak_tflops = args.peak_tflops or (peak[0 if dtype == torch.bfloat16 else 1] if peak else None)
-        if peak_tflops:
-            for row in results["rows"]:
-                row["mfu"] = flops / row["s_per_image"] / (peak_tflops * 1e12)
+    peak = args.peak_tflops or peak_tflops(device_name, dtype)
+    results["peak_tflops"] = peak
+    for mode, attention in plan_variants(compiles, attentions):
+        torch._dynamo.reset()  # each compile mode compiles from scratch, inside its own warm-up
+        row = {"variant": f"ours[{mode},{attention}]", "compile": mode, "attention": attention}
+        try:
+            pipe = CogView3PlusPipeline(base.transformer, base.vae, base.text_encoder, base.scheduler_config,
+                                        base.device, base.dtype, ckpt, compile=mode, attention=attention)
+            row["attention_used"] = pipe.identity["attention"]
+            row.update(bench_ours(pipe, args, prompts))
+            del pipe
+        except Exception as e:  # a backend without a kernel here, a failed compile: record, go on
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _add_mfu(row, flops, peak, args)
+        results["rows"].append(row)
+        _write(results, args.json_out)
+        if not args.skip_reference and attention == attentions[0]:
+            ref_row = {"variant": f"diffusers[{mode}]", "compile": mode}
+            try:
+                ref_row.update(bench_reference(ckpt, base.identity["family"], mode, args, prompts, device, dtype,
+                                               base.max_sequence_length))
+                if "s_per_image_p50" in row:
+                    row["speedup_vs_diffusers"] = ref_row["s_per_image_p50"] / row["s_per_image_p50"]
+            except Exception as e:
+                ref_row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            results["rows"].append(ref_row)
+            _write(results, args.json_out)
     return results
 
 
+def _add_mfu(row: dict, flops: float, peak: Optional[float], args) -> None:
+    """MFU of the (scaled) per-image time against the dense peak; FLOPs are for the scaled steps."""
+    if not peak or "s_per_image_p50" not in row:
+        return
+    seconds = row.get("s_per_image_scaled") or row["s_per_image_p50"]
+    row["mfu"] = flops / seconds / (peak * 1e12)
+
+
+def _write(results: dict, path: Optional[str]) -> None:
+    # after every variant: a run cut short by a time limit keeps what it measured
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2))
+
+
 def print_results(r: dict) -> None:
-    print(f"checkpoint {r['checkpoint']} | {r.get('device_name', r['device'])} {r['dtype']} | "
-          f"{r['height']}x{r['width']} | {r['steps']} steps | guidance {r['guidance']} | batch {r['batch']}")
-    print(f"model FLOPs per image: {r['flops_per_image'] / 1e12:.3f} TFLOP")
+    print(f"checkpoint {r['checkpoint']} | {r['device_name']} {r['dtype']} | {r['height']}x{r['width']} | "
+          f"{r['steps']} steps | guidance {r['guidance']} | batch {r['batch']} | {r['runs']} runs")
+    print(f"model FLOPs per image ({r['scale_steps'] or r['steps']} steps): {r['flops_per_image'] / 1e12:.3f} TFLOP"
+          f" | load {r['load_s']:.1f} s")
     for row in r["rows"]:
-        extra = ""
-        if "speedup_vs_diffusers" in row:
-            extra += f"  ratio diffusers/ours = {row['speedup_vs_diffusers']:.2f}"
+        if "error" in row:
+            print(f"  {row['variant']:<40} error: {row['error']}")
+            continue
+        line = f"  {row['variant']:<40} p50 {row['s_per_image_p50']:.3f} p90 {row['s_per_image_p90']:.3f} s/image"
+        if "s_per_image_scaled" in row:
+            line += f"  scaled {row['s_per_image_scaled']:.3f}"
+        line += f"  compile {row['compile_s']:.1f} s"
+        if "peak_memory_gib" in row:
+            line += f"  peak {row['peak_memory_gib']:.1f} GiB"
         if "mfu" in row:
-            extra += f"  MFU {100 * row['mfu']:.1f}%"
-        print(f"  {row['variant']:<20} {row['s_per_image']:.3f} s/image{extra}")
+            line += f"  MFU {100 * row['mfu']:.1f}%"
+        if "speedup_vs_diffusers" in row:
+            line += f"  ratio diffusers/ours = {row['speedup_vs_diffusers']:.2f}"
+        print(line)
 
 
 def main(argv=None) -> int:
@@ -162,18 +270,22 @@ def main(argv=None) -> int:
     m.add_argument("--height", type=int, default=256)
     m.add_argument("--width", type=int, default=256)
     m.add_argument("--steps", type=int, default=4)
+    m.add_argument("--scale-steps", type=int, help="also report s/image (and MFU) scaled to this many steps")
     m.add_argument("--guidance", type=float, default=5.0)
-    m.add_argument("--batch", type=int, default=1)
-    m.add_argument("--images", type=int, default=4)
-    m.add_argument("--compile", choices=["none", "default", "both"], default="none")
+    m.add_argument("--batch", type=int, default=1, help="images per generate() call, warm-up included")
+    m.add_argument("--runs", type=int, default=5, help="timed batches per variant (p50/p90 over them)")
+    m.add_argument("--compile", default="none",
+                   help=f"comma-separated of {COMPILE_MODES}, 'all', or 'both' (none,default)")
+    m.add_argument("--attention", default="auto", help=f"comma-separated of {ATTENTION_BACKENDS} or 'all'")
     m.add_argument("--skip-reference", action="store_true", help="time only our pipeline")
     m.add_argument("--peak-tflops", type=float, help="device peak for MFU when not in the built-in table")
-    m.add_argument("--json-out", help="also write the results as JSON here")
+    m.add_argument("--json-out", help="also write the results as JSON here (after every variant)")
     args = p.parse_args(argv)
+    if args.runs < 1 or args.batch < 1 or args.steps < 1:
+        p.error("--runs, --batch and --steps must be at least 1")
     results = bench_model(args)
     print_results(results)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    _write(results, args.json_out)
     return 0
 
 

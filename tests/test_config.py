@@ -202,12 +202,15 @@ def test_output_defining_diff():
     # as saved in _run.json and read back
     assert diff_output_defining(json.loads(json.dumps(old)), output_defining(_load())) == []
     # not output-defining: scheduling, workers, resume flags, storage options
-    same = _load("workers.max_attempts=9", "model.compile=max-autotune", "resume=force",
+    same = _load("workers.max_attempts=9", "model.device=cpu", "resume=force",
                  "output.storage_options.anon=true", "output.run_id=r1")
     assert diff_output_defining(old, output_defining(same)) == []
-    changed = _load("render.height=768", "output.image_format=jpeg", "dataset.limit=10")
+    changed = _load("render.height=768", "output.image_format=jpeg", "dataset.limit=10",
+                    "model.compile=max-autotune", "model.attention=cudnn")
     assert diff_output_defining(old, output_defining(changed)) == [
         "dataset.limit: null -> 10",
+        "model.attention: (absent) -> \"cudnn\"",
+        "model.compile: (absent) -> \"max-autotune\"",
         "output.image_format: \"png\" -> \"jpeg\"",
         "render.height: 1024 -> 768",
     ]

@@ -11,9 +11,9 @@ from typing import Optional, Protocol, Sequence, Union, runtime_checkable
 import numpy as np
 import torch
 
+from .attention import ATTENTION_BACKENDS  # noqa: F401  (re-exported)
+from .compiled import COMPILE_MODES  # noqa: F401  (re-exported)
 from .loading import CheckpointError, read_model_index
-
-COMPILE_MODES = ("none", "default", "max-autotune")
 
 # model_index.json `_class_name` -> "module:Class"; imported only when a checkpoint needs it, so
 # one family's dependencies never load for another's checkpoint.
@@ -46,11 +46,11 @@ class Pipeline(Protocol):
 
     device: torch.device
     dtype: torch.dtype
-    identity: dict  # at least family (model_index `_class_name`), path, config_hash
+    identity: dict  # at least family (model_index `_class_name`), path, config_hash; compile, attention, dtype
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device=None, dtype=None,
-                        compile: str = "none") -> "Pipeline": ...
+                        compile: str = "none", attention: str = "auto") -> "Pipeline": ...
 
     @property
     def size_multiple(self) -> int: ...  # height and width must be multiples of this (px)
@@ -81,8 +81,11 @@ def family_class(class_name: Optional[str], source: Union[str, Path] = "model_in
     return getattr(importlib.import_module(module), attr)
 
 
-def load_pipeline(path: Union[str, Path], device=None, dtype=None, compile: str = "none") -> Pipeline:
+def load_pipeline(path: Union[str, Path], device=None, dtype=None, compile: str = "none",
+                  attention: str = "auto") -> Pipeline:
     """Load the checkpoint at `path` with the family its model_index.json names."""
     index = read_model_index(path)
     cls = family_class(index.get("_class_name"), Path(path) / "model_index.json")
-    return cls.from_pretrained(path, device=device, dtype=dtype, compile=compile)
+    # "auto" is every family's default: passed on only when pinned
+    extra = {} if attention == "auto" else {"attention": attention}
+    return cls.from_pretrained(path, device=device, dtype=dtype, compile=compile, **extra)

@@ -44,7 +44,8 @@ def test_load_pipeline_picks_the_family_from_model_index(tiny_checkpoint):
     pipe = load_pipeline(tiny_checkpoint, device="cpu", dtype="float32")
     assert type(pipe) is CogView3PlusPipeline
     assert pipe.identity == {"family": "CogView3PlusPipeline", "path": tiny_checkpoint,
-                             "config_hash": config_hash(tiny_checkpoint)}
+                             "config_hash": config_hash(tiny_checkpoint), "compile": "none",
+                             "attention": "flash", "dtype": "float32"}
     assert (pipe.size_multiple, pipe.max_size_px, pipe.max_sequence_length) == (16, 1024, 224)
 
 

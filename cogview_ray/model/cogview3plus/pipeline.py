@@ -1,19 +1,21 @@
 """CogView3-Plus text-to-image pipeline: load, compile, warm up, generate (a `Pipeline` family).
 
 The sampling math lives in `sampling.py` as plain functions; this class owns the loaded
-models, the compiled callables and the size and token limits.
+models, the compiled callables, the attention backend and the size and token limits.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .. import loading
-from ..family import COMPILE_MODES, GenerateResult
+from ..attention import resolve_attention
+from ..compiled import CompiledModule, compile_module
+from ..family import GenerateResult
 from ..text_encoder import TextEncoder
 from ..vae import VAEConfig, VAEDecoder
 from .sampling import decode, denoise, encode_negative, encode_prompts, get_noise
@@ -35,27 +37,28 @@ class CogView3PlusPipeline:
 
     def __init__(self, transformer: CogView3PlusTransformer, vae: VAEDecoder, text_encoder: TextEncoder,
                  scheduler_config: SchedulerConfig, device: torch.device, dtype: torch.dtype,
-                 path: str = "", compile: str = "none"):
+                 path: str = "", compile: str = "none", attention: str = "auto",
+                 compiler: Optional[Callable] = None):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.scheduler_config = scheduler_config
         self.device, self.dtype = device, dtype
+        cfg = transformer.config
+        # timed ("auto" on CUDA) at the native size: 4096 image tokens at 1024 px, plus the text
+        native_tokens = (cfg.sample_size // cfg.patch_size) ** 2
+        attention = resolve_attention(attention, device, dtype, cfg.num_attention_heads, cfg.attention_head_dim,
+                                      native_tokens + self.max_sequence_length)
+        transformer.set_attention(attention)
+        # `compiler(module, mode)` stands in for torch.compile (a test fakes CUDA-graph buffers)
+        self._denoise = compile_module(transformer, compile, compiler)
+        self._decode = compile_module(vae, compile, compiler)
+        # everything here changes output bytes: the worker reports it as the run's runtime identity
         self.identity = {"family": self.class_name, "path": str(path),
-                         "config_hash": loading.config_hash(path) if path else ""}
-        self._denoise = transformer
-        self._decode = vae
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
-        if compile != "none":
-            mode = None if compile == "default" else compile
-            # one graph per (height, width, text length): datasets with per-row sizes need more
-            # than dynamo's default of 8 before it would fall back to eager
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # static shapes: every forward is one item, so no batch size ever recompiles
-            self._denoise = torch.compile(transformer, fullgraph=True, dynamic=False, mode=mode)
-            self._decode = torch.compile(vae, fullgraph=True, dynamic=False, mode=mode)
+                         "config_hash": loading.config_hash(path) if path else "", "compile": compile,
+                         "attention": attention, "dtype": str(dtype).removeprefix("torch.")}
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], device=None, dtype=None, compile: str = "none"):
+    def from_pretrained(cls, path: Union[str, Path], device=None, dtype=None, compile: str = "none",
+                        attention: str = "auto"):
         root = Path(path)
         device = loading.resolve_device(device)
         dtype = loading.resolve_dtype(dtype or "auto", device)
@@ -75,7 +78,8 @@ class CogView3PlusPipeline:
             raise loading.CheckpointError(
                 f"text_encoder width {text_encoder.hidden_size} does not match transformer text_embed_dim "
                 f"{t_cfg.text_embed_dim} in {root}")
-        return cls(transformer.eval(), vae.eval(), text_encoder, s_cfg, device, dtype, str(path), compile)
+        return cls(transformer.eval(), vae.eval(), text_encoder, s_cfg, device, dtype, str(path), compile,
+                   attention)
 
     # -- limits ------------------------------------------------------------------------------
 
@@ -148,3 +152,10 @@ class CogView3PlusPipeline:
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       max_sequence_length=max_sequence_length)
         return time.perf_counter() - t0
+
+    def seal_compiled(self) -> None:
+        """After the warm-ups: shapes not compiled by now run eagerly instead of compiling mid-shard,
+        so which rows run compiled depends on the warmed-up sizes only."""
+        for fn in (self._denoise, self._decode):
+            if isinstance(fn, CompiledModule):
+                fn.seal()

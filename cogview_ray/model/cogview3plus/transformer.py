@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import attention_context, make_attend
 from ..loading import config_fields
 
 # Keys diffusers writes into config.json that do not shape the network.
@@ -136,6 +137,7 @@ class JointAttention(nn.Module):
         self.to_k = nn.Linear(dim, heads * head_dim)
         self.to_v = nn.Linear(dim, heads * head_dim)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Identity()])
+        self.attend = F.scaled_dot_product_attention  # CogView3PlusTransformer.set_attention replaces it
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         n, length, _ = s.shape
@@ -143,7 +145,7 @@ class JointAttention(nn.Module):
         q, k, v = (f(s).view(n, length, self.heads, self.head_dim).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
         q = F.layer_norm(q, (self.head_dim,), eps=1e-6)
         k = F.layer_norm(k, (self.head_dim,), eps=1e-6)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.attend(q, k, v)
         return self.to_out[0](out.transpose(1, 2).reshape(n, length, self.heads * self.head_dim))
 
 
@@ -212,11 +214,25 @@ class CogView3PlusTransformer(nn.Module):
         self.norm_out = AdaNormOut(config.time_embed_dim, config.inner_dim)
         p = config.patch_size
         self.proj_out = nn.Linear(config.inner_dim, p * p * config.out_channels)
+        self.attention = None  # the pinned backend (attention.ATTENTION_BACKENDS); None: torch picks
+
+    def set_attention(self, name: str) -> None:
+        """Pin every block's attention to backend `name` (resolved, not "auto")."""
+        attend = make_attend(name)
+        for block in self.transformer_blocks:
+            block.attn1.attend = attend
+        self.attention = name
 
     def init_buffers(self, device) -> None:
         self.patch_embed.init_buffers(device)
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
+        # the backend is pinned inside forward, so a compiled graph traces the pinned kernel
+        with attention_context(self.attention):
+            return self._forward(hidden_states, encoder_hidden_states, timestep, original_size, target_size,
+                                 crop_coords)
+
+    def _forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
         n, _, hl, wl = hidden_states.shape
         p, co = self.config.patch_size, self.config.out_channels
         lt = encoder_hidden_states.shape[1]
