@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,44 +15,17 @@ from typing import Optional
 
 from . import layout
 from .config import RunConfig
-from .credentials import storage_options_for
+from .credentials import storage_options_for, strip_userinfo
 from .errors import ConfigError, first_line
 from .hooks import load_hooks
+from .identity import runtime_identity
+from .model_cache import resolve_model_path
 from .model.loading import CheckpointError
 from .records import Reason, RowRecord, ShardResult, Status
 from .rows import RowSpec, SizeLimits, group_for_render, read_shard_rows
 from .shards import Shard
 from .sinks import encode_image, make_sink, sha256_hex
 from .storage import RunStore, open_filesystem
-
-
-def resolve_model_path(model_path: str, storage_options: Optional[dict] = None) -> str:
-    """A local checkpoint folder for `model.path`: `preset:NAME` (written once per node), a URL
-    (downloaded once per node into the cache) or a local folder (used as is)."""
-    if model_path.startswith("preset:"):
-        from filelock import FileLock
-
-        from .model.checkpoint import make_checkpoint
-        from .model_cache import cache_root
-
-        name = model_path.split(":", 1)[1]
-        target = cache_root() / "checkpoints" / f"{name}-seed0"
-        done = target / ".complete"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if not done.exists():
-                tmp = target.with_name(target.name + ".partial")
-                shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
-                make_checkpoint(name, tmp, seed=0)
-                shutil.rmtree(target, ignore_errors=True)
-                tmp.rename(target)
-                done.write_text("ok\n")
-        return str(target)
-    if "://" in model_path:
-        from .model_cache import ensure_local_model
-
-        return ensure_local_model(model_path, storage_options=storage_options)
-    return model_path
 
 
 @dataclass
@@ -87,11 +59,12 @@ class RenderWorker:
         local = resolve_model_path(cfg.model.path, storage_options_for(cfg.model.path, cfg))
         try:
             self.pipe = load_pipeline(
-                local, device=cfg.model.device, dtype=cfg.model.dtype, compile=cfg.model.compile)
+                local, device=cfg.model.device, dtype=cfg.model.dtype, compile=cfg.model.compile,
+                attention=cfg.model.attention)
         except CheckpointError:
             raise
         except Exception as e:  # e.g. a corrupt safetensors file: say which checkpoint
-            raise CheckpointError(f"Checkpoint {cfg.model.path} could not be loaded "
+            raise CheckpointError(f"Checkpoint {strip_userinfo(cfg.model.path)} could not be loaded "
                                   f"({type(e).__name__}: {first_line(e)}).") from None
         self.pipe = self.hooks.wrap_pipeline(self.pipe)
         self.limits = SizeLimits.of(self.pipe)
@@ -100,16 +73,28 @@ class RenderWorker:
             raise ConfigError(f"render.height and render.width ({r.height}x{r.width}) must be multiples of "
                               f"{self.limits.multiple_px} px up to {self.limits.max_px} px for "
                               f"{self.pipe.identity['family']}.")
+        sizes = list(dict.fromkeys([(r.height, r.width)] + [(int(h), int(w)) for h, w in r.sizes]))
+        for h, w in sizes[1:]:
+            if not (self.limits.allows(h) and self.limits.allows(w)):
+                raise ConfigError(f"render.sizes entry [{h}, {w}] must be multiples of {self.limits.multiple_px} px "
+                                  f"up to {self.limits.max_px} px for {self.pipe.identity['family']}.")
         self.model_hash = self.pipe.identity["config_hash"]
         self.load_s = time.perf_counter() - t0
         self.compile_s = 0.0
         if cfg.model.compile != "none":
-            self.compile_s = self.pipe.warmup(r.height, r.width, r.batch_size, num_inference_steps=2,
-                                              guidance_scale=r.guidance_scale,
-                                              max_sequence_length=r.max_sequence_length)
+            # every size compiles here, before the worker reports ready: never against shard_timeout_s
+            for h, w in sizes:
+                self.compile_s += self.pipe.warmup(h, w, r.batch_size, num_inference_steps=2,
+                                                   guidance_scale=r.guidance_scale,
+                                                   max_sequence_length=r.max_sequence_length)
+            seal = getattr(self.pipe, "seal_compiled", None)
+            if seal is not None:  # other sizes now run eagerly rather than compile mid-shard
+                seal()
         self.node = socket.gethostname()
         dev = self.pipe.device
         self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        cudnn = torch.backends.cudnn.version() if dev.type == "cuda" else None
+        self.runtime = runtime_identity(self.pipe.identity, torch.__version__, self.device_name, cudnn)
         self.store = RunStore(cfg.output.uri, run_id, cfg.output.storage_options)
         self.fs, _ = open_filesystem(cfg.dataset.uri, storage_options_for(cfg.dataset.uri, cfg))
         self.hooks.worker_ready(worker_id)
@@ -117,7 +102,7 @@ class RenderWorker:
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "node": self.node, "device": self.device_name,
                 "pid": os.getpid(), "load_s": self.load_s, "compile_s": self.compile_s,
-                "family": self.pipe.identity["family"], "limits": self.limits}
+                "family": self.pipe.identity["family"], "limits": self.limits, "runtime": self.runtime}
 
     # -- one shard ------------------------------------------------------------------------
 
@@ -132,22 +117,27 @@ class RenderWorker:
         self.hooks.before_shard(shard.shard_id, rows)
         rendered: list[_Rendered] = [
             _Rendered(r, None, "rejected", r.reason, False, {}) for r in rows if r.status == "rejected"]
-        sink = make_sink(cfg.output.format, self.store, shard.shard_id, cfg.output.image_format)
         written: dict[int, tuple[str, int, str, float, float]] = {}
-        with ThreadPoolExecutor(max_workers=1) as writer:
+        # The sink closes (uploads) when the block succeeds and discards its local spool when
+        # anything in it raises; the writer thread has stopped before either happens.
+        with make_sink(cfg.output.format, self.store, shard.shard_id, cfg.output.image_format) as sink, \
+                ThreadPoolExecutor(max_workers=1) as writer:
             futures = []
-            for (h, w, steps, guidance), group in group_for_render(rows).items():
-                bs = cfg.render.batch_size
-                for i in range(0, len(group), bs):
-                    for out in self._render_batch(group[i:i + bs], h, w, steps, guidance):
-                        rendered.append(out)
-                        if out.status == "ok":
-                            # encoding and upload overlap the next batch's rendering
-                            futures.append(writer.submit(self._encode_and_add, sink, out))
-            for f in futures:
-                row_index, entry = f.result()
-                written[row_index] = entry
-        sink.close()
+            try:
+                for (h, w, steps, guidance), group in group_for_render(rows).items():
+                    bs = cfg.render.batch_size
+                    for i in range(0, len(group), bs):
+                        for out in self._render_batch(group[i:i + bs], h, w, steps, guidance):
+                            rendered.append(out)
+                            if out.status == "ok":
+                                # encoding and upload overlap the next batch's rendering
+                                futures.append(writer.submit(self._encode_and_add, sink, out))
+                for f in futures:
+                    row_index, entry = f.result()
+                    written[row_index] = entry
+            except BaseException:
+                writer.shutdown(wait=True, cancel_futures=True)  # a lost attempt encodes no more
+                raise
         records = [self._record(shard, out, attempt, queue_s, written.get(out.row.row_index)) for out in rendered]
         records.sort(key=lambda r: r.row_index)
         return ShardResult(shard.shard_id, attempt, self.worker_id, self.node, self.device_name, records,
@@ -219,8 +209,8 @@ class RenderWorker:
             out.row, run_id=self.run_id, shard_id=shard.shard_id, status=out.status, reason=reason,
             queue_s=queue_s, text_encoding_s=t.get("text_encoding"), denoising_s=t.get("denoising"),
             decoding_s=t.get("decoding"), worker_id=self.worker_id, node=self.node, device=self.device_name,
-            attempt=attempt, model_path=self.cfg.model.path, model_hash=self.model_hash,
-            prompt_truncated=out.truncated, **image)
+            attempt=attempt, model_path=strip_userinfo(self.cfg.model.path), model_hash=self.model_hash,
+            prompt_truncated=out.truncated, error=out.row.error, **image)
 
 
 def _replace(row: RowSpec, **changes) -> RowSpec:

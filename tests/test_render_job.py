@@ -12,7 +12,7 @@ from cogview_ray.cli import main as cli_main
 from cogview_ray.config import load_config
 from cogview_ray.driver import run_render
 from cogview_ray.errors import RunRefused
-from cogview_ray.manifest import read_manifest
+from cogview_ray.manifest import part_of, read_commit, read_manifest
 from cogview_ray.sinks import read_output
 from cogview_ray.storage import RunStore
 from cogview_ray.verify import verify_run
@@ -121,13 +121,13 @@ def test_rerun_renders_nothing_and_keeps_manifests(ray_cluster, tiny_checkpoint,
     cfg = make_cfg(tiny_checkpoint, data, tmp_path / "out", "r1")
     run_render(cfg)
     store = RunStore(str(tmp_path / "out"), "r1")
-    before = {n: store.read(f"manifest/{n}") for n in store.list("manifest")}
+    before = {n: store.read(n) for n in store.find("manifest")}
     images = sorted((tmp_path / "out" / "r1" / "images").rglob("*.png"))
     assert len(images) == 9
     images_before = {p: p.stat().st_mtime_ns for p in images}
     again = run_render(cfg)
     assert again.shards_committed == 0 and again.rows_rendered == 0 and again.shards_skipped == 3
-    after = {n: store.read(f"manifest/{n}") for n in store.list("manifest")}
+    after = {n: store.read(n) for n in store.find("manifest")}
     assert before == after
     # no object was written again
     assert images_before == {p: p.stat().st_mtime_ns for p in images}
@@ -138,15 +138,16 @@ def test_restart_completes_only_missing_shards(ray_cluster, tiny_checkpoint, tmp
     cfg = make_cfg(tiny_checkpoint, data, tmp_path / "out", "r2")
     run_render(cfg)
     store = RunStore(str(tmp_path / "out"), "r2")
-    kept = store.read("manifest/f00000-000000.parquet")
+    kept = store.read(part_of(read_commit(store, "f00000-000000"), "f00000-000000"))
     # as if the driver had stopped after committing only the first shard
     for shard in ("f00000-000001", "f00000-000002"):
         store.delete(f"commits/{shard}.json")
-        store.delete(f"manifest/{shard}.parquet")
+        for rel in store.find(f"manifest/{shard}"):
+            store.delete(rel)
     store.delete("_SUCCESS.json")
     outcome = run_render(cfg)
     assert outcome.shards_skipped == 1 and outcome.shards_committed == 2
-    assert store.read("manifest/f00000-000000.parquet") == kept
+    assert store.read(part_of(read_commit(store, "f00000-000000"), "f00000-000000")) == kept
     check_run(store, 12)
 
 
