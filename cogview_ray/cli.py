@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=_verify)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official layout")
-    m.add_argument("--preset", choices=["tiny", "small", "full"], required=True)
+    m.add_argument("--preset", choices=["tiny", "small", "full", "tiny-cogview4", "small-cogview4", "full-cogview4"],
+                   required=True)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("out_dir")
     m.set_defaults(fn=_make_checkpoint)

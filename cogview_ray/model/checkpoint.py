@@ -131,14 +131,23 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# names only: cogview4/checkpoint.py defines them (and imports this module)
+COGVIEW4_PRESETS = ("tiny-cogview4", "small-cogview4", "full-cogview4")
+
+
 def make_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random-weight checkpoint of `preset` ("tiny", "small", "full") to `out_dir`.
 
     `out_dir` must be absent or empty. model_index.json is written last, so a folder that has
     it is complete.
     """
+    if preset in COGVIEW4_PRESETS:  # the CogView4 family writes its own (GLM text encoder)
+        from cogview_ray.model.cogview4.checkpoint import make_cogview4_checkpoint
+
+        return make_cogview4_checkpoint(preset, out_dir, seed)
     if preset not in PRESETS:
-        raise ValueError(f"Unknown checkpoint preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        raise ValueError(f"Unknown checkpoint preset {preset!r}; choose one of "
+                         f"{', '.join([*PRESETS, *COGVIEW4_PRESETS])}.")
     spec = PRESETS[preset]
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -19,6 +19,7 @@ from .loading import CheckpointError, read_model_index
 # one family's dependencies never load for another's checkpoint.
 FAMILIES = {
     "CogView3PlusPipeline": "cogview_ray.model.cogview3plus.pipeline:CogView3PlusPipeline",
+    "CogView4Pipeline": "cogview_ray.model.cogview4.pipeline:CogView4Pipeline",
 }
 
 

@@ -59,14 +59,14 @@ def test_load_pipeline_dispatches_to_the_registered_class(tmp_path, monkeypatch)
     assert not isinstance(got, Pipeline)  # the protocol check can fail
 
 
-@pytest.mark.parametrize("class_name", ["CogView4Pipeline", None])
+@pytest.mark.parametrize("class_name", ["FluxPipeline", None])
 def test_unknown_family_is_refused_in_one_sentence(tmp_path, class_name):
     _index_only(tmp_path, class_name)
     with pytest.raises(CheckpointError) as err:
         load_pipeline(tmp_path, device="cpu")
     msg = str(err.value)
     assert msg.startswith(str(tmp_path / "model_index.json")) and repr(class_name) in msg
-    assert msg.endswith("(supported: CogView3PlusPipeline).") and msg.count(". ") == 0
+    assert msg.endswith("(supported: CogView3PlusPipeline, CogView4Pipeline).") and msg.count(". ") == 0
 
 
 def test_cogview3plus_satisfies_the_protocol(tiny_checkpoint):
