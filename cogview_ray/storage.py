@@ -239,12 +239,7 @@ class RunStore:
                     f"there (s3fs>={S3FS_CREATE_FLOOR} with botocore>={BOTOCORE_CREATE_FLOOR} "
                     f"sends the condition; the store must honour it)."))
         finally:
-            self.delete(rel)
-            if self._local:  # leave no empty probe folder in the run listing
-                try:
-                    os.rmdir(self.path(PROBE_DIR))
-                except OSError:
-                    pass
+            self._drop_probe(rel)
 
     def read(self, rel: str) -> bytes:
         return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel)))
@@ -318,14 +313,17 @@ class RunStore:
             self.write(rel, b"clock probe\n")
             return self.modified(rel)
         finally:
-            self.delete(rel)
-            if self._local:  # leave no empty probe folder in the run listing
-                try:
-                    os.rmdir(self.path(PROBE_DIR))
-                except OSError:
-                    pass
+            self._drop_probe(rel)
 
     # --- internals ---------------------------------------------------------------
+
+    def _drop_probe(self, rel: str) -> None:
+        self.delete(rel)
+        if self._local:  # leave no empty probe folder in the run listing
+            try:
+                os.rmdir(self.path(PROBE_DIR))
+            except OSError:
+                pass
     def _tmp_path(self) -> str:
         return f"{self.root}/{_TMP_DIR}/{uuid.uuid4().hex}"
 
