@@ -11,12 +11,13 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from filelock import FileLock, Timeout
 
+from . import durable
 from .storage import check_relative, secret_values
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def preset_checkpoint(name: str) -> str:
             make_checkpoint(name, tmp, seed=0)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
-            _write_durably(target / ".complete", b"ok\n")
+            durable.write_file(target / ".complete", b"ok\n")
     return str(target)
 
 
@@ -267,7 +268,7 @@ def _download(url: str, options: dict, entry: Path) -> None:
         expected_sha = {**remote_sha, **_declared_sha256(tmp, sizes, shown)}
         _check_index_shards(tmp, sizes, shown)
         _verify(tmp, sizes, expected_sha, shown)
-        _fsync_tree(tmp, rels)
+        durable.fsync_tree(tmp, rels)
         marker = {
             "format": MARKER_FORMAT,
             "url": shown,
@@ -276,9 +277,9 @@ def _download(url: str, options: dict, entry: Path) -> None:
             "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "download_s": round(time.perf_counter() - started, 3),
         }
-        _write_durably(tmp / MARKER_NAME, json.dumps(marker, indent=1, sort_keys=True).encode())
+        durable.write_file(tmp / MARKER_NAME, json.dumps(marker, indent=1, sort_keys=True).encode())
         os.rename(tmp, entry)  # atomic: the entry appears whole, marker included
-        _fsync_dir(entry.parent)
+        durable.fsync_path(entry.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -368,32 +369,6 @@ def _read_json(path: Path, shown: str, rel: str) -> dict:
     except ValueError:
         raise ModelCacheError(f"{shown}/{rel} is not valid JSON.") from None
     return data if isinstance(data, dict) else {}
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(folder: Path, rels: Iterable[str]) -> None:
-    for rel in rels:
-        fd = os.open(folder / rel, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    for d in sorted({(folder / r).parent for r in rels}, key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(d)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _url_secrets(url: str) -> set[str]:

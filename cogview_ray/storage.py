@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from . import durable
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -181,16 +182,8 @@ class RunStore:
         def op():
             dest = self.path(rel)
             if self._local:
-                tmp = self._tmp_path()
-                _makedirs_durably(os.path.dirname(tmp))
-                _makedirs_durably(os.path.dirname(dest))
-                try:
-                    self.fs.put_file(local_path, tmp)
-                    _fsync_file(tmp)
-                    os.replace(tmp, dest)
-                    _fsync_dir(os.path.dirname(dest))
-                finally:
-                    _unlink_quietly(tmp)
+                durable.place(lambda tmp: self.fs.put_file(local_path, tmp), self._tmp_path(), dest,
+                              exclusive=False)
             else:
                 self.fs.put_file(local_path, dest)
         self._retry("upload", rel, op)
@@ -338,19 +331,7 @@ class RunStore:
         # both are atomic, so no reader ever sees a partial object. The temp file is
         # fsynced before the link or rename and the folder after it, so an object that
         # counts (a commit marker, the lock) survives a power cut with its bytes.
-        tmp = self._tmp_path()
-        _makedirs_durably(os.path.dirname(tmp))
-        _makedirs_durably(os.path.dirname(dest))
-        try:
-            self.fs.pipe_file(tmp, data)
-            _fsync_file(tmp)
-            if exclusive:
-                os.link(tmp, dest)
-            else:
-                os.replace(tmp, dest)
-            _fsync_dir(os.path.dirname(dest))
-        finally:
-            _unlink_quietly(tmp)
+        durable.place(lambda tmp: self.fs.pipe_file(tmp, data), self._tmp_path(), dest, exclusive=exclusive)
 
     def _holds(self, dest: str, data: bytes) -> bool:
         """True if `dest` exists with exactly `data` (a missing object holds nothing)."""
@@ -399,41 +380,3 @@ class RunStore:
             return self.url("" if rel == "." else rel)
         except ValueError:
             return repr(rel)
-
-
-def _fsync_file(path: str) -> None:
-    # fsync through a read-only descriptor: Linux flushes the file's data whatever the mode
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    """Make the names in a folder (a rename, a link, a new subfolder) durable."""
-    fd = os.open(path or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _makedirs_durably(path: str) -> None:
-    """`os.makedirs`, then fsync the parent of every folder it created."""
-    missing = []
-    while path and not os.path.isdir(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    if not missing:
-        return
-    os.makedirs(missing[0], exist_ok=True)
-    for created in reversed(missing):
-        _fsync_dir(os.path.dirname(created))
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
