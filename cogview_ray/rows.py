@@ -14,7 +14,8 @@ import pyarrow as pa
 from cogview_ray.records import Reason, RenderParams, Status
 from cogview_ray.errors import DatasetError, first_line
 from cogview_ray.pages import open_parquet, read_row_range
-from cogview_ray.shards import Shard, is_string_type, open_planned
+from cogview_ray.input_version import open_planned
+from cogview_ray.shards import Shard, is_string_type
 
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000

@@ -4,7 +4,7 @@
     python jobs/bench_fingerprint.py --size-mb 256 --dir /mnt/nvme/tmp --repeat 5
 
 Writes one Parquet file of random prompts (uncompressed, so its size is what was asked),
-then times `shards.file_version` on it: the first call per repeat streams and hashes the
+then times `input_version.file_version` on it: the first call per repeat streams and hashes the
 whole file (the per-process cache is cleared first), the second is a cache hit. Prints
 seconds and GB/s for each, and the planning time with the digest against the footer read
 alone. The file was just written, so it is usually in the page cache: the figure is the
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cogview_ray import shards  # noqa: E402
+from cogview_ray import input_version  # noqa: E402
 
 PROMPT_BYTES = 200
 ROWS_PER_GROUP = 100_000
@@ -65,11 +65,11 @@ def main() -> int:
 
         digest_s, cached_s = [], []
         for _ in range(args.repeat):
-            shards._LOCAL_DIGESTS.clear()
+            input_version._LOCAL_DIGESTS.clear()
             t0 = time.perf_counter()
-            version = shards.file_version(str(path), fs)
+            version = input_version.file_version(str(path), fs)
             t1 = time.perf_counter()
-            assert shards.file_version(str(path), fs) == version
+            assert input_version.file_version(str(path), fs) == version
             t2 = time.perf_counter()
             digest_s.append(t1 - t0)
             cached_s.append(t2 - t1)

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogview_ray import pages, rows  # noqa: E402
 from cogview_ray.config import DatasetConfig, RenderConfig  # noqa: E402
-from cogview_ray.shards import open_planned, plan_shards  # noqa: E402
+from cogview_ray.input_version import open_planned  # noqa: E402
+from cogview_ray.shards import plan_shards  # noqa: E402
 
 RENDER = RenderConfig(height=1024, width=1024)
 LIMITS = rows.SizeLimits(multiple_px=16, max_px=2048)

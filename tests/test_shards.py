@@ -16,18 +16,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cogview_ray.config import DatasetConfig
 from tests.conftest import PLANTED_SECRET
-from cogview_ray import shards as shards_module
-from cogview_ray.shards import (
-    DatasetError,
-    FileVersion,
-    InputChanged,
-    Shard,
-    check_file_version,
-    diff_fingerprints,
-    file_version,
-    open_planned,
-    plan_shards,
-)
+from cogview_ray import input_version as input_version_module
+from cogview_ray.input_version import FileVersion, InputChanged, check_file_version, file_version, open_planned
+from cogview_ray.shards import DatasetError, Shard, diff_fingerprints, plan_shards
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -255,8 +246,8 @@ def test_same_size_in_place_edit_changes_the_fingerprint(tmp_path):
 def test_content_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
     path = _plain_prompts(tmp_path / "a.parquet", [f"p{i}" for i in range(100)])
     calls = []
-    real = shards_module._sha256_stream
-    monkeypatch.setattr(shards_module, "_sha256_stream", lambda f: calls.append(1) or real(f))
+    real = input_version_module._sha256_stream
+    monkeypatch.setattr(input_version_module, "_sha256_stream", lambda f: calls.append(1) or real(f))
     shards, _ = plan(path, shard_size=10)
     assert len(shards) == 10 and len(calls) == 1
     for shard in shards:  # a worker checking every shard of the file reads it no more
