@@ -44,13 +44,16 @@ def _nightly(args) -> int:
     import datetime as dt
 
     from .errors import ConfigError
-    from .nightly import run_nightly
+    from .nightly import run_nightly, scheduled_tick
 
     try:
         day = dt.date.fromisoformat(args.date) if args.date else None
     except ValueError:
-        raise ConfigError(f"--date {args.date!r} is not a date like 2025-01-31.") from None
-    result = run_nightly(args.config, args.overrides, day=day)
+        raise ConfigError(f"--night {args.date!r} is not a date like 2025-01-31.") from None
+    if day is not None and args.scheduled_at:
+        raise ConfigError("Give --night or --scheduled-at, not both: each names the night to render.")
+    tick = None if day is not None else scheduled_tick(args.scheduled_at)
+    result = run_nightly(args.config, args.overrides, day=day, scheduled_at=tick)
     render = result.render
     print(json.dumps({"run": result.run_uri, "day": result.day.isoformat(), "status": result.status,
                       "totals": render.totals if render else None, "deleted": result.deleted}, sort_keys=True))
@@ -119,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("config", help="YAML config file; an optional `nightly:` section holds timezone, "
                                   "run_id_format and keep_days")
     n.add_argument("overrides", nargs="*", help="key=value overrides, nightly.* included")
-    n.add_argument("--date", help="render the run of this day (YYYY-MM-DD) instead of today, e.g. a backfill")
+    n.add_argument("--night", "--date", dest="date",
+                   help="render the run of this day (YYYY-MM-DD) instead of today's, e.g. a backfill")
+    n.add_argument("--scheduled-at", help="the scheduler's tick (RFC 3339, e.g. 2026-12-03T02:00:00Z, or "
+                                          "`raycronjob`): its date names the night, so a retry or late start "
+                                          "continues it; default $COGVIEW_RAY_SCHEDULED_AT, else the clock")
     n.set_defaults(fn=_nightly)
 
     rp = sub.add_parser("report", help="write report.html with a contact sheet and timing charts for a run")

@@ -86,6 +86,15 @@ def last_beat_s(store: RunStore, holder: Holder) -> Optional[float]:
     return max(stamps) if stamps else None
 
 
+def holder_staleness(store: RunStore, holder: Holder, stale_s: float) -> tuple[Optional[str], float]:
+    """`lock_staleness` of `holder` judged wholly on the store's clock (its newest sign of life
+    against a fresh probe), and the age in seconds of that sign of life (inf when it is gone)."""
+    beat_at = last_beat_s(store, holder)
+    now = store.now()
+    age_s = math.inf if beat_at is None else now - beat_at
+    return lock_staleness(holder.info, stale_s, now=now, beat_at=now - age_s), age_s
+
+
 def read_lock(store: RunStore) -> Optional[dict]:
     """The current holder's fields (host, pid, started_at, lock_id, epoch and, from its heartbeat,
     heartbeat_at on its own clock); {} if its object is unreadable; None if the run is not locked."""
@@ -168,10 +177,7 @@ class RunLock:
         store = self.store
         holder = read_holder(store)
         if holder is not None and not holder.released:
-            beat_at = last_beat_s(store, holder)
-            now = store.now()
-            age_s = math.inf if beat_at is None else now - beat_at
-            stale = lock_staleness(holder.info, self.stale_s, now=now, beat_at=now - age_s)
+            stale, age_s = holder_staleness(store, holder, self.stale_s)
             if takeover:
                 self.say(f"taking over the run lock held by {holder.describe()} (takeover_lock=true)")
             elif stale is not None:

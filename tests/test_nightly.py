@@ -1,4 +1,5 @@
-"""Nightly renders: date-stamped run ids, same-day reruns, overlap refusal, retention, comparability."""
+"""Nightly renders: date-stamped run ids, the scheduler's tick naming the night, same-day reruns,
+overlap refusal, retention on the store's clock, comparability."""
 import datetime as dt
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +18,8 @@ from cogview_ray.cli import main as cli_main
 from cogview_ray.config import NightlyConfig, parse_run_day
 from cogview_ray.errors import ConfigError, RunLocked
 from cogview_ray.manifest import read_manifest
-from cogview_ray.nightly import load_nightly_config, prune_nights, run_nightly
+from cogview_ray.nightly import (MISSED_AFTER_S, SCHEDULED_AT_ENV, load_nightly_config, prune_nights, run_nightly,
+                                 scheduled_tick)
 from cogview_ray.run_lock import read_lock
 from cogview_ray.storage import RunStore
 from cogview_ray.verify import verify_run
@@ -135,8 +138,10 @@ def test_retention_deletes_only_old_nights_made_by_the_pattern(tmp_path, capsys)
     # an old night that a driver still holds (fresh heartbeat): kept
     live = out / "nightly-2025-02-22" / "_LOCK"
     live.write_text(json.dumps({"host": "other", "pid": 1, "heartbeat_at": time.time()}))
-    # an old night with a long-dead lock: deleted
-    (out / "nightly-2025-02-23" / "_LOCK").write_text(json.dumps({"host": "other", "pid": 1, "heartbeat_at": 0}))
+    # an old night with a long-dead lock (the store last wrote it two hours ago): deleted
+    dead = out / "nightly-2025-02-23" / "_LOCK"
+    dead.write_text(json.dumps({"host": "other", "pid": 1, "heartbeat_at": 0}))
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
 
     cfg_path = write_config(tmp_path, "/x", keep_days=3)
     cfg, _ = load_nightly_config(cfg_path, [], day=DAY)
@@ -174,6 +179,97 @@ def test_same_day_trigger_on_a_complete_night_does_nothing_but_retention(tmp_pat
     summary = json.loads(printed.out)
     assert summary["status"] == "complete" and summary["deleted"] == ["nightly-2025-02-01"]
     assert sorted((out / "nightly-2025-03-02").rglob("*")) == before
+
+
+def test_retention_judges_locks_on_the_store_clock_not_the_holders_or_ours(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    for d in (10, 11, 12):
+        make_night(out, f"nightly-2025-02-{d}")
+    stamp = time.time()
+    # the holder's clock says it beat just now, but the store last heard from it two hours ago: stale
+    lying = out / "nightly-2025-02-10" / "_LOCK"
+    lying.write_text(json.dumps({"host": "other", "pid": 1, "heartbeat_at": stamp}))
+    os.utime(lying, (stamp - 7200, stamp - 7200))
+    # the holder's clock is a day behind, but the store wrote its lock a minute ago: live, kept
+    behind = out / "nightly-2025-02-11" / "_LOCK"
+    behind.write_text(json.dumps({"host": "other", "pid": 1, "heartbeat_at": stamp - 86400}))
+    os.utime(behind, (stamp - 60, stamp - 60))
+    # and this host's clock, a day ahead, is not asked either
+    monkeypatch.setattr(time, "time", lambda: stamp + 86400)
+    cfg, _ = load_nightly_config(write_config(tmp_path, "/x", keep_days=3), [], day=DAY)
+    assert prune_nights(cfg, DAY) == ["nightly-2025-02-10", "nightly-2025-02-12"]
+    assert sorted(p.name for p in out.iterdir()) == ["nightly-2025-02-11"]
+    assert [p.name for p in (out / "nightly-2025-02-11").iterdir() if p.name.startswith("_probe")] == []
+
+
+# -- the scheduler's tick names the night (no Ray: the nights are complete or skipped) ------------
+
+TICK = dt.datetime(2025, 3, 1, 2, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))  # 02:00 in Berlin, Mar 1
+
+
+def test_a_retry_after_midnight_continues_the_scheduled_night(tmp_path, capsys, monkeypatch):
+    make_night(tmp_path / "out", "nightly-2025-03-01")
+    cfg_path = write_config(tmp_path, "/nonexistent/checkpoint")
+    retry = TICK + dt.timedelta(hours=23, minutes=30)  # 01:30 on Mar 2 in Berlin
+    # by the clock alone the retry would start the next night's run
+    assert load_nightly_config(cfg_path, [], now=retry)[1] == DAY
+    result = run_nightly(cfg_path, [], scheduled_at=TICK, now=retry, clock=retry.timestamp)
+    assert (result.run_id, result.day, result.status, result.exit_code) == (
+        "nightly-2025-03-01", dt.date(2025, 3, 1), "complete", 0)
+    # the wrapper's way: the tick in the environment, as the CronJob's annotation writes it
+    tick = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=20)).replace(microsecond=0)
+    night = tick.astimezone(ZoneInfo("Europe/Berlin")).date()
+    make_night(tmp_path / "out", f"nightly-{night.isoformat()}")
+    monkeypatch.setenv(SCHEDULED_AT_ENV, tick.isoformat())
+    assert cli_main(["nightly", cfg_path]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["day"], summary["status"]) == (night.isoformat(), "complete")
+    # a tick late in the evening UTC is already the next day in the night's time zone
+    assert run_nightly(cfg_path, [], scheduled_at=dt.datetime(2025, 2, 28, 23, 30, tzinfo=dt.timezone.utc),
+                       clock=retry.timestamp).run_id == "nightly-2025-03-01"
+
+
+def test_a_superseded_tick_is_skipped_but_a_named_night_renders(tmp_path, capsys):
+    cfg_path = write_config(tmp_path, "/nonexistent/checkpoint")
+    catch_up = TICK.timestamp() + MISSED_AFTER_S + 3600  # the operator came back a day and more later
+    result = run_nightly(cfg_path, [], scheduled_at=TICK, clock=lambda: catch_up)
+    assert (result.status, result.exit_code, result.run_id, result.render) == ("missed", 0, "nightly-2025-03-01", None)
+    assert "render it with --night 2025-03-01" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing read or written: no cluster time spent on it
+    # a backfill names the night and is never skipped
+    make_night(tmp_path / "out", "nightly-2025-03-01")
+    assert run_nightly(cfg_path, [], day=dt.date(2025, 3, 1), scheduled_at=TICK,
+                       clock=lambda: catch_up).status == "complete"
+
+
+def test_scheduled_tick_reads_rfc3339_or_the_raycronjob_submission_id():
+    assert scheduled_tick(None, environ={}) is None
+    assert scheduled_tick("2026-12-03T02:00:00Z", environ={}) == dt.datetime(2026, 12, 3, 2, tzinfo=dt.timezone.utc)
+    env = {SCHEDULED_AT_ENV: "2026-12-03T03:00:00+01:00"}
+    assert scheduled_tick(None, environ=env) == dt.datetime(2026, 12, 3, 2, tzinfo=dt.timezone.utc)
+    # KubeRay >= 1.7 names the RayJob {cronjob}-{Unix minute of the tick}; Ray hands the driver its submission id
+    minute = int(dt.datetime(2026, 12, 3, 2, tzinfo=dt.timezone.utc).timestamp()) // 60
+    submission = {"metadata": {"job_submission_id": f"cogview-nightly-{minute}-x7k2p", "job_name": "whatever"}}
+    ray_env = {SCHEDULED_AT_ENV: "raycronjob", "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(submission)}
+    assert scheduled_tick(None, environ=ray_env) == dt.datetime(2026, 12, 3, 2, tzinfo=dt.timezone.utc)
+    for bad, message in [("2026-12-03", "not an RFC 3339 time with an offset"),
+                         ("2026-12-03T02:00:00", "not an RFC 3339 time with an offset"),
+                         ("yesterday", "not an RFC 3339 time")]:
+        with pytest.raises(ConfigError, match=message):
+            scheduled_tick(bad, environ={})
+    manual = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"metadata": {"job_submission_id": "raysubmit_abc"}})}
+    with pytest.raises(ConfigError, match="needs a Ray job submitted for a RayCronJob.*'raysubmit_abc'"):
+        scheduled_tick("raycronjob", environ=manual)
+    with pytest.raises(ConfigError, match="got None"):
+        scheduled_tick("raycronjob", environ={})
+
+
+def test_night_and_scheduled_at_together_are_refused(tmp_path, capsys):
+    cfg_path = write_config(tmp_path, "/x")
+    assert cli_main(["nightly", cfg_path, "--night", "2025-03-01", "--scheduled-at", "2025-03-01T02:00:00Z"]) == 2
+    assert "Give --night or --scheduled-at, not both" in capsys.readouterr().err
+    assert cli_main(["nightly", cfg_path, "--scheduled-at", "tonight"]) == 2
+    assert "'tonight' is not an RFC 3339 time" in capsys.readouterr().err
 
 
 @pytest.mark.s3
