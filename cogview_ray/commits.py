@@ -1,7 +1,8 @@
 """The driver's side of the commit protocol: which shards are committed (and whether they are the
 shards planned now), committing a worker's result or a shard out of attempts, and the run's closing
-summary (`_SUCCESS.json` or `_FAILED.json`). Every write checks the run lock first and every part
-has an attempt-unique name: a driver that lost the lock writes nothing a commit points to.
+summary (`_SUCCESS.json` or `_FAILED.json`). Every write checks the run lock first, every part
+has an attempt-unique name and no marker is ever deleted (a failed shard is retried under the next
+marker generation, created once): a driver that lost the lock changes nothing a commit points to.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from typing import Callable, Optional
 from . import layout
 from .errors import RunRefused
 from .hooks import Hooks
-from .manifest import (commit_shard, committed_shards, part_of, read_commits, read_success, write_manifest_part,
-                       write_success)
+from .manifest import (commit_shard, committed_generations, part_of, read_commits, read_success,
+                       write_manifest_part, write_success)
 from .records import ShardResult, Status, failed_records
 from .rows import RowSpec
 from .run_lock import RunLock
@@ -77,29 +78,25 @@ class Committer:
                  say: Callable[[str], None], model_path: str):
         self.store, self.lock, self.hooks, self.stats, self.outcome, self.say = store, lock, hooks, stats, outcome, say
         self.model_path = model_path  # as the manifest shows it: without credentials
+        # the marker generation this driver commits each shard under: 0 unless `scan` found the
+        # shard committed as failed at generation N, then N + 1
+        self._generation: dict[str, int] = {}
 
     def scan(self, shards: list[Shard]) -> set[str]:
-        """Committed shard ids, once every marker is proven to cover its planned shard; shards
-        committed as failed are uncommitted here so they run again."""
-        store = self.store
-        committed = committed_shards(store)
-        markers = read_commits(store, sorted(committed))
-        check_coverage(store, markers, shards)
-        # the commit marker's status decides; failed/ only says where to look (a late driver's
-        # failed/ marker beside an ok commit must not uncommit it)
-        redo = layout.shard_ids(layout.FAILED_DIR, store.list(layout.FAILED_DIR))
-        uncommit = {s for s in committed if markers[s].get("status") == "failed"}
-        for shard_id in sorted(uncommit):
-            # the one delete of a marker: of a failed commit only, by the holder, after a fresh look
-            self.lock.check(read=True)
-            store.delete(layout.commit_marker(shard_id))
-            store.delete(layout.failed_marker(shard_id))
-        for shard_id in sorted(redo - uncommit):
-            # a failed/ marker without a failed commit (a driver stopped between the two deletes
-            # above, or before committing, or woke late): drop it
-            self.lock.check(read=True)
-            store.delete(layout.failed_marker(shard_id))
-        return committed - uncommit
+        """Ids of shards committed ok, once every current marker is proven to cover its planned
+        shard. A shard committed as failed (generation N) stays so on the store; it is left out
+        here, so it runs again, and its next commit creates generation N + 1. Nothing is deleted:
+        a driver that paused after this scan can only lose the race for N + 1."""
+        generations = committed_generations(self.store)
+        markers = read_commits(self.store, sorted(generations), generations)
+        check_coverage(self.store, markers, shards)
+        redo = {s for s, marker in markers.items() if marker.get("status") == "failed"}
+        self._generation = {s: generations[s] + 1 for s in redo}
+        return set(markers) - redo
+
+    def generation(self, shard_id: str) -> int:
+        """The marker generation this driver's next commit of the shard creates."""
+        return self._generation.get(shard_id, 0)
 
     def commit(self, shard: Shard, result: ShardResult) -> None:
         """Manifest part, then the create-once marker; ValueError for a result that does not
@@ -107,7 +104,7 @@ class Committer:
         if len(result.records) != shard.num_rows:
             raise ValueError(f"{len(result.records)} records for {shard.num_rows} rows")
         self.lock.check(read=True)
-        if self.store.exists(layout.commit_marker(shard.shard_id)):
+        if self.store.exists(layout.commit_marker(shard.shard_id, self.generation(shard.shard_id))):
             # only after a lock takeover raced with this driver's last check: the first commit stands
             self.say(f"shard {shard.shard_id} was committed by another driver meanwhile; keeping that commit")
             return
@@ -129,10 +126,6 @@ class Committer:
         self.lock.check(read=True)
         part = self._write_part(shard, records)
         detail = f"{reason}: {error}"
-        self.lock.check(read=True)
-        self.store.write(layout.failed_marker(shard.shard_id), json.dumps(
-            {"shard_id": shard.shard_id, "reason": reason, "error": error, "attempts": attempts,
-             "lock_epoch": self.lock.epoch}).encode())
         if not self._commit(shard, part, self._summary(shard, "failed", attempts, error=detail)):
             return
         self.stats.add(records)
@@ -148,7 +141,7 @@ class Committer:
 
     def _commit(self, shard: Shard, part: str, summary: dict) -> bool:
         self.lock.check(read=True)  # the last look before the marker: a paused driver stops here
-        if commit_shard(self.store, shard.shard_id, summary, part=part):
+        if commit_shard(self.store, shard.shard_id, summary, part=part, generation=self.generation(shard.shard_id)):
             return True
         self.say(f"shard {shard.shard_id} was committed by another driver meanwhile; keeping that commit")
         return False

@@ -2,10 +2,12 @@
 run-level files `_run.json` and `_SUCCESS.json` (where each lives: layout.py; the lock: run_lock.py).
 
 Commit protocol (driver only): `write_manifest_part` under an attempt-unique token, then
-`commit_shard`, which reads that part back and creates `commits/{shard}.json` once, naming the
-part and its sha256. A shard is done exactly when its marker exists; readers trust committed
-shards only and find a shard's part through its marker (`part_of`, `read_part`), never by name,
-so a late writer's part is an orphan nobody reads.
+`commit_shard`, which reads that part back and creates the shard's commit marker once, naming the
+part and its sha256. A shard is done exactly when a marker exists; markers are never deleted: a
+shard committed as failed is retried under the next generation (layout.commit_marker), and every
+reader takes the newest (`committed_generations`). Readers trust committed shards only and find a
+shard's part through its marker (`part_of`, `read_part`), never by name, so a late writer's part
+is an orphan nobody reads.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from cogview_ray.records import (MANIFEST_SCHEMA, STATUSES, RowRecord, ShardResu
                                  count_statuses, records_table)
 from cogview_ray.errors import UserError
 from cogview_ray.layout import (COMMITS_DIR, MANIFEST_DIR, RUN_INFO, SUCCESS, commit_marker, manifest_part,
-                                shard_ids)
+                                newest_generations)
 from cogview_ray.storage import RunStore, check_relative
 
 _READ_THREADS = 8
@@ -55,16 +57,17 @@ def write_manifest_part(store: RunStore, shard_id: str, records: list[RowRecord]
             raise ValueError(f"record for row {r.row_index} of {r.file} belongs to shard "
                              f"{r.shard_id!r}, not {shard_id!r}")
     data = manifest_bytes(records)
-    if token is None and store.exists(commit_marker(shard_id)):
+    if token is None and find_marker(store, shard_id) is not None:
         raise ValueError(f"shard {shard_id} is already committed; its manifest part "
                          f"{store.url(manifest_part(shard_id))} is final")
     store.write(manifest_part(shard_id, token), data)
     return hashlib.sha256(data).hexdigest()
 
 
-def commit_shard(store: RunStore, shard_id: str, summary: dict, part: str | None = None) -> bool:
-    """Create `commits/{shard}.json` once, pointing at `part` (default: the fixed name of earlier
-    releases); True if this call committed the shard.
+def commit_shard(store: RunStore, shard_id: str, summary: dict, part: str | None = None,
+                 generation: int = 0) -> bool:
+    """Create generation `generation` of the shard's commit marker once, pointing at `part`
+    (default: the fixed name of earlier releases); True if this call committed the shard.
 
     `summary["rows"]` (the shard's input row count) is required; the marker adds the part's
     name, sha256, size and status counts, read back from storage, so a marker never exists
@@ -85,13 +88,41 @@ def commit_shard(store: RunStore, shard_id: str, summary: dict, part: str | None
                          f"shard has {summary['rows']}; refusing to commit")
     marker = dict(summary)
     marker.update(shard_id=shard_id, manifest=part, manifest_sha256=hashlib.sha256(data).hexdigest(),
-                  manifest_bytes=len(data), **counts)
-    return store.create_once(commit_marker(shard_id), _json_bytes(marker))
+                  manifest_bytes=len(data), generation=generation, **counts)
+    return store.create_once(commit_marker(shard_id, generation), _json_bytes(marker))
 
 
-def read_commit(store: RunStore, shard_id: str) -> dict:
-    """The shard's commit marker; FileNotFoundError if uncommitted, CorruptRecord if unreadable."""
-    rel = commit_marker(shard_id)
+def committed_generations(store: RunStore, fresh: bool = True) -> dict[str, int]:
+    """Committed shard id -> the generation of its current (newest) commit marker, from one listing
+    of `commits/` (`fresh`: listing cache dropped first, for resume scans). The one place readers
+    find a shard's marker: `layout.commit_marker(shard_id, generation)`."""
+    if fresh:
+        store.invalidate()
+    return newest_generations(store.list(COMMITS_DIR))
+
+
+def committed_shards(store: RunStore) -> set[str]:
+    """Ids of committed shards (listing cache dropped first, for resume scans)."""
+    return set(committed_generations(store))
+
+
+def find_marker(store: RunStore, shard_id: str) -> str | None:
+    """The current commit marker of one shard, or None: without listing `commits/` (which holds a
+    marker per shard), by probing generations upwards (they are created one after another)."""
+    found, generation = None, 1
+    while store.exists(commit_marker(shard_id, generation)):
+        found, generation = commit_marker(shard_id, generation), generation + 1
+    if found is None and store.exists(commit_marker(shard_id)):
+        found = commit_marker(shard_id)
+    return found
+
+
+def read_commit(store: RunStore, shard_id: str, generation: int | None = None) -> dict:
+    """The shard's current commit marker (`generation`: that one, as `committed_generations` gave
+    it; None: found by `find_marker`); FileNotFoundError if uncommitted, CorruptRecord if unreadable."""
+    rel = commit_marker(shard_id, generation) if generation is not None else find_marker(store, shard_id)
+    if rel is None:
+        raise FileNotFoundError(f"shard {shard_id} has no commit marker in {store.url(COMMITS_DIR)}")
     marker = _parse_json(store, rel, store.read(rel))
     if marker.get("shard_id", shard_id) != shard_id:
         raise CorruptRecord(f"Commit marker {store.url(rel)} is for shard {marker.get('shard_id')!r}, "
@@ -99,10 +130,14 @@ def read_commit(store: RunStore, shard_id: str) -> dict:
     return marker
 
 
-def read_commits(store: RunStore, shards: list[str]) -> dict[str, dict]:
-    """The markers of the given committed shards, read in parallel (small GETs)."""
+def read_commits(store: RunStore, shards: list[str], generations: dict[str, int] | None = None) -> dict[str, dict]:
+    """The current markers of the given committed shards, read in parallel (small GETs).
+    `generations`: from `committed_generations`, if the caller has it; else listed afresh here.
+    FileNotFoundError for a shard without a marker."""
+    if generations is None:
+        generations = committed_generations(store)
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        return dict(zip(shards, pool.map(lambda s: read_commit(store, s), shards)))
+        return dict(zip(shards, pool.map(lambda s: read_commit(store, s, generations.get(s, 0)), shards)))
 
 
 def part_of(marker: dict, shard_id: str) -> str:
@@ -113,8 +148,14 @@ def part_of(marker: dict, shard_id: str) -> str:
     try:
         return _checked_part(part, shard_id)
     except ValueError:
-        raise CorruptRecord(f"Commit marker {commit_marker(shard_id)} names {part!r}, which is not a "
-                            f"manifest part of shard {shard_id}.") from None
+        raise CorruptRecord(f"Commit marker {commit_marker(shard_id, _generation(marker))} names {part!r}, "
+                            f"which is not a manifest part of shard {shard_id}.") from None
+
+
+def _generation(marker: dict) -> int:
+    """The generation a marker records (0 for markers of earlier releases)."""
+    generation = marker.get("generation", 0)
+    return generation if isinstance(generation, int) and not isinstance(generation, bool) and generation >= 0 else 0
 
 
 def _checked_part(part: Any, shard_id: str) -> str:
@@ -132,12 +173,6 @@ def read_part(store: RunStore, shard_id: str, columns: list[str] | None = None,
     return pq.read_table(io.BytesIO(store.read(part)), columns=columns, schema=MANIFEST_SCHEMA)
 
 
-def committed_shards(store: RunStore) -> set[str]:
-    """Ids of committed shards (listing cache dropped first, for resume scans)."""
-    store.invalidate()
-    return shard_ids(COMMITS_DIR, store.list(COMMITS_DIR))
-
-
 def read_manifest(store: RunStore, committed_only: bool = True, columns: list[str] | None = None,
                   markers: dict[str, dict] | None = None) -> pa.Table:
     """The committed shards' parts, each found through its marker (`markers`: those already read,
@@ -145,7 +180,8 @@ def read_manifest(store: RunStore, committed_only: bool = True, columns: list[st
     other attempts included (for inspecting a run)."""
     if committed_only:
         if markers is None:
-            markers = read_commits(store, sorted(committed_shards(store)))
+            generations = committed_generations(store)
+            markers = read_commits(store, sorted(generations), generations)
         parts = [part_of(markers[s], s) for s in sorted(markers)]
     else:
         store.invalidate()

@@ -8,14 +8,16 @@ group), plans it, then reads shards through `rows.read_shard_rows` on a filesyst
 counts the bytes read. Prints, for the first, middle and last shard: seconds (median of
 `--repeat`) and bytes, and their ratio to the first shard's; then the bytes a whole run reads,
 as a multiple of the file's size, for `--workers` simulated worker processes (each with its own
-per-process cache) fed shards round robin or in contiguous blocks. The cost a process pays
+per-process cache) fed shards round robin, in contiguous blocks, or by the driver's `ShardQueue`
+(`pop(worker)`, workers asking in turn or in a seeded random order). The cost a process pays
 once per file (footer, page locations) is printed apart ("cold"). "read only" times reading
 the prompts alone (no validation); `--stream` adds the old way, streaming the cut row group
-from its start.
+from its start. `--pop-cost N` also times `ShardQueue.pop` over N shards.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -31,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogview_ray import pages, rows  # noqa: E402
 from cogview_ray.config import DatasetConfig, RenderConfig  # noqa: E402
+from cogview_ray.shard_queue import ShardQueue  # noqa: E402
 from cogview_ray.input_version import open_planned  # noqa: E402
-from cogview_ray.shards import plan_shards  # noqa: E402
+from cogview_ray.shards import Shard, plan_shards  # noqa: E402
 
 RENDER = RenderConfig(height=1024, width=1024)
 LIMITS = rows.SizeLimits(multiple_px=16, max_px=2048)
@@ -117,18 +120,48 @@ def median_read_only_cost(shard, fs, old: bool, repeat: int) -> tuple[float, int
     return statistics.median(r[0] for r in runs), runs[-1][1]
 
 
+ORDERS = ("round-robin", "blocks", "queue", "queue-random")
+
+
+def deal(shards, workers: int, order: str):
+    """(worker, shard) in the order a run hands them out: round robin (a FIFO queue feeding
+    whichever worker is free), contiguous blocks, or the driver's `ShardQueue` with workers asking
+    in turn (`queue`) or in a seeded random order (`queue-random`: workers of uneven speed)."""
+    if order in ("round-robin", "blocks"):
+        for i, shard in enumerate(shards):
+            yield (i % workers if order == "round-robin" else i * workers // len(shards)), shard
+        return
+    queue, rng = ShardQueue(shards, max_attempts=1), random.Random(0)
+    for i in range(len(shards)):
+        worker = i % workers if order == "queue" else rng.randrange(workers)
+        yield worker, queue.pop(worker).shard
+
+
 def run_bytes(shards, fs, workers: int, order: str) -> int:
-    """Bytes read by a whole run of `workers` processes, each with its own cache: shards dealt
-    round robin (as a queue that feeds whichever worker is free does) or in contiguous blocks."""
+    """Bytes read by a whole run of `workers` processes, each with its own cache, shards dealt
+    as `deal` says."""
     caches = [OrderedDict() for _ in range(workers)]
     total = 0
     try:
-        for i, shard in enumerate(shards):
-            pages._INDEX_CACHE = caches[i % workers if order == "round-robin" else i * workers // len(shards)]
+        for worker, shard in deal(shards, workers, order):
+            pages._INDEX_CACHE = caches[worker]
             total += read_only_cost(shard, fs, old=False)[1]
     finally:
         pages._INDEX_CACHE = OrderedDict()
     return total
+
+
+def pop_cost(n: int, workers: int = 8) -> tuple[float, float]:
+    """Microseconds per `ShardQueue.pop`: (with a worker, asking in a random order; without)."""
+    shards = [Shard(f"f00000-{i:07d}", "p.parquet", 0, i * 10, i * 10 + 10) for i in range(n)]
+    out, rng = [], random.Random(0)
+    for worker in (True, False):
+        queue = ShardQueue(shards, max_attempts=1)
+        t0 = time.perf_counter()
+        while queue:
+            queue.pop(rng.randrange(workers) if worker else None)
+        out.append((time.perf_counter() - t0) / n * 1e6)
+    return out[0], out[1]
 
 
 def main() -> None:
@@ -139,6 +172,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 8, 64], help="simulated worker processes")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--stream", action="store_true", help="also time the old streaming read")
+    ap.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS), help="how shards are dealt")
+    ap.add_argument("--pop-cost", type=int, default=0, metavar="N", help="also time ShardQueue.pop over N shards")
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
 
@@ -171,11 +206,9 @@ def main() -> None:
                   f"time x{s / base_s:5.2f}  bytes x{b / max(base_b, 1):5.2f} of the first shard's")
 
         for workers in args.workers:
-            for order in ("round-robin", "blocks"):
-                if workers == 1 and order == "blocks":
-                    continue
+            for order in args.orders if workers > 1 else args.orders[:1]:
                 n_bytes = run_bytes(shards, fs, workers, order)
-                print(f"whole run, {workers} worker(s), shards dealt {order:11s}: {n_bytes / 1e6:8.1f} MB read, "
+                print(f"whole run, {workers} worker(s), shards dealt {order:12s}: {n_bytes / 1e6:8.1f} MB read, "
                       f"x{n_bytes / size:.2f} the file's size")
 
         read_only_cost(first, fs, old=False), read_only_cost(last, fs, old=False)  # page locations
@@ -183,6 +216,10 @@ def main() -> None:
             (s0, b0), (s1, b1) = (median_read_only_cost(shard, fs, old, args.repeat) for shard in (first, last))
             print(f"{'old streaming' if old else 'page'} read only: first {s0:.4f} s {b0 / 1e3:.1f} kB, "
                   f"last {s1:.4f} s {b1 / 1e3:.1f} kB: time x{s1 / s0:.1f}, bytes x{b1 / max(b0, 1):.1f}")
+    if args.pop_cost:
+        with_worker, fifo = pop_cost(args.pop_cost)
+        print(f"ShardQueue.pop over {args.pop_cost} shards: {with_worker:.2f} us with a worker (8, random order), "
+              f"{fifo:.2f} us without")
 
 
 if __name__ == "__main__":

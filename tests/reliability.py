@@ -26,7 +26,7 @@ from PIL import Image
 
 from cogview_ray.config import load_config
 from cogview_ray.driver import run_render
-from cogview_ray.manifest import part_of, read_commit, read_manifest, read_success
+from cogview_ray.manifest import committed_generations, part_of, read_commit, read_manifest, read_success
 from cogview_ray.sinks import read_output
 from cogview_ray.storage import RunStore
 from cogview_ray.testing import ENV
@@ -233,10 +233,9 @@ def check_invariants(tally: Tally, store: RunStore, inputs: dict[str, int], *, c
         if r["status"] != "ok":
             assert r["reason"], f"{r['status']} row {r['row_index']} of {r['file']} has no reason"
             assert r["key"] is None or r["status"] == "failed"
-    # no commit marker without the manifest part it names
-    for name in store.list("commits"):
-        shard = name[:-len(".json")]
-        assert store.exists(part_of(read_commit(store, shard), shard)), name
+    # no current commit marker (the newest generation) without the manifest part it names
+    for shard, generation in committed_generations(store).items():
+        assert store.exists(part_of(read_commit(store, shard, generation), shard)), shard
     # every ok object exists, decodes, has its row's size and matches its sha256
     for r in ok:
         data = read_output(store, r["key"])
