@@ -221,8 +221,8 @@ def _validate_rows(shard: Shard, values: dict[str, list], prompt_col: str, id_co
             reasons.append(Reason.PROMPT_TOO_LONG)
             negative = _capped(negative, max_chars, "negative_prompt", errors)
 
-        height = _parse_size(heights[i], render_cfg.height, limits)
-        width = _parse_size(widths[i], render_cfg.width, limits)
+        height = parse_size(heights[i], render_cfg.height, limits)
+        width = parse_size(widths[i], render_cfg.width, limits)
         if height is None or width is None:
             reasons.append(Reason.BAD_SIZE)
         num_steps = _parse_steps(steps[i], render_cfg.num_inference_steps)
@@ -289,7 +289,7 @@ def _as_int(value: Any) -> Optional[int]:
     return None
 
 
-def _parse_size(value: Any, default: int, limits: Optional[SizeLimits]) -> Optional[int]:
+def parse_size(value: Any, default: int, limits: Optional[SizeLimits]) -> Optional[int]:
     size = default if value is None else _as_int(value)
     if size is None or size < 1 or (limits is not None and not limits.allows(size)):
         return None
