@@ -78,7 +78,8 @@ class RenderConfig:
     # images do not depend on their batch-mates: the pipeline runs one item per forward
     batch_size: int = field(default=1, metadata=_NOT_DEFINING)
     seed: int = 0
-    max_sequence_length: int = 224
+    # None: the pipeline's own token limit (CogView3-Plus 224, CogView4 1024); recorded as null
+    max_sequence_length: Optional[int] = None
     # longer prompts and negative prompts are rejected (prompt_too_long) before tokenizing
     max_prompt_chars: int = 10_000
     # [height, width] pairs compiled at worker start besides height x width; with compiling, rows
@@ -94,6 +95,7 @@ class WorkersConfig:
     max_in_flight: int = 2
     max_attempts: int = 3
     shard_timeout_s: float = 3600.0
+    startup_timeout_s: float = 1800.0  # no worker ready this long (none loaded, or all lost): fail
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,8 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"Config key render.negative_prompt must be a string or null, got {r.negative_prompt!r}.")
     _int_range("render.batch_size", r.batch_size, 1, None)
     _int_range("render.seed", r.seed, 0, MAX_SEED)
-    _int_range("render.max_sequence_length", r.max_sequence_length, 1, None)
+    if r.max_sequence_length is not None:
+        _int_range("render.max_sequence_length", r.max_sequence_length, 1, None)
     _int_range("render.max_prompt_chars", r.max_prompt_chars, 1, None)
     for i, pair in enumerate(r.sizes):
         if len(pair) != 2:
@@ -341,6 +344,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _int_range("workers.max_in_flight", w.max_in_flight, 1, None)
     _int_range("workers.max_attempts", w.max_attempts, 1, None)
     _float_min("workers.shard_timeout_s", w.shard_timeout_s, 0.0, inclusive=False)
+    _float_min("workers.startup_timeout_s", w.startup_timeout_s, 0.0, inclusive=False)
 
     _nonempty_str("output.uri", o.uri)
     if o.run_id is not None and not (isinstance(o.run_id, str) and RUN_ID_RE.fullmatch(o.run_id)):

@@ -19,17 +19,22 @@ from .credentials import redact_text, redacted, storage_options_for, strip_useri
 from .errors import RunError, RunRefused
 from .hooks import FORWARDED_ENV, load_hooks
 from .identity import diff_output_defining, output_defining
-from .manifest import committed_shards, read_commits, read_run_info, read_success, write_run_info
+from .manifest import committed_generations, read_commits, read_run_info, read_success, write_run_info
+from .metrics import RunMetrics
 from .pool import Done, Errored, Event, Loaded, Lost, RayBackend, WorkerPool, WorkersExhausted
 from .progress import Progress
 from .rows import read_shard_rows
 from .run_lock import RunLock
+from .run_logs import DriverLog
 from .shard_queue import ShardQueue, Task
 from .shards import diff_fingerprints, plan_shards
+from .size_survey import survey_sizes
 from .stats import RunStats
 from .storage import RunStore, StorageError, open_filesystem
 
 __all__ = ["Driver", "RunError", "RunOutcome", "run_render", "default_run_id", "resolve_num_workers"]
+
+RESIZE_EVERY_S = 5.0  # how often workers.num_workers=auto re-reads the cluster's resources (one GCS call)
 
 
 def default_run_id(cfg: RunConfig, fingerprint: dict) -> str:
@@ -48,6 +53,8 @@ class Driver:
         self.store: Optional[RunStore] = None
         self.lock: Optional[RunLock] = None
         self.limits = None  # the pipeline's size limits, once a worker has loaded
+        self.metrics = RunMetrics("", enabled=False)  # the run's own once dispatch starts
+        self.log = DriverLog(err=self.out)  # written into the run's _logs/ once the lock is ours
 
     # -- planning, run identity, lock -----------------------------------------------------
 
@@ -87,8 +94,9 @@ class Driver:
         if success is None or read_run_info(store) is None:
             return None
         self._check_resume(fingerprint)  # refuses changed settings; writes nothing: _run.json exists
-        committed = committed_shards(store)
-        markers = read_commits(store, sorted(committed))
+        generations = committed_generations(store)  # one listing: each shard's current marker
+        committed = set(generations)
+        markers = read_commits(store, sorted(committed), generations)
         check_coverage(store, markers, shards)
         if any(s.shard_id not in committed or markers[s.shard_id].get("status") != "ok" for s in shards):
             return None
@@ -109,6 +117,7 @@ class Driver:
         self.lock = RunLock(store, stale_s=self.lock_stale_s, heartbeat_s=self.heartbeat_s, say=self._say)
         self.lock.acquire(takeover=cfg.takeover_lock)
         try:
+            self._say(f"driver log: {self.log.attach(store, cfg.output.storage_options)}")
             self._check_resume(fingerprint)
             stats = RunStats()
             outcome = RunOutcome(run_id, store.url(), len(shards), 0)
@@ -123,36 +132,97 @@ class Driver:
                 return outcome
             try:
                 if queue:
-                    self._dispatch(queue, committer)
+                    self._dispatch(queue, committer, [s for s in shards if s.shard_id not in done])
                 committer.finalize(shards)
             except StorageError as e:
                 raise RunError(f"{e}; the {outcome.shards_skipped + outcome.shards_committed} shard(s) committed "
                                f"so far are kept, rerun the same command to resume") from None
+            self.log.add(f"[cogview-ray] run finished: totals {json.dumps(outcome.totals, sort_keys=True)}")
             return outcome
+        except BaseException as e:  # the log outlives the cluster: say there why the run ended
+            self.log.add(f"[cogview-ray] run failed: {type(e).__name__}: {e}")
+            raise
         finally:
             self.lock.release()
+            self.log.close()
 
-    def _dispatch(self, queue: ShardQueue, committer: Committer) -> None:
+    def _dispatch(self, queue: ShardQueue, committer: Committer, pending: list) -> None:
         import ray
 
         _ensure_ray(ray)
         cfg = self.cfg
         size = min(resolve_num_workers(cfg, ray.cluster_resources()), len(queue))
-        backend = RayBackend(_render_worker_class(), self._actor_options(ray), (cfg, self.store.run_id))
+        backend = RayBackend(_render_worker_class(), self._actor_options(ray), (cfg, self.store.run_id),
+                             {"input_sizes": self._input_sizes(pending)})
         progress = Progress(total_rows=queue.rows, workers=size, out=self.out)
+        self.metrics = RunMetrics(self.store.run_id)
         with WorkerPool(backend, size, max_in_flight=cfg.workers.max_in_flight,
                         shard_timeout_s=cfg.workers.shard_timeout_s,
                         max_replacements=size * cfg.workers.max_attempts + 4) as pool:
-            while queue or pool.busy:
-                self.lock.check()
-                if queue:
-                    self._replace_dead(pool, committer)
-                pool.submit(queue)
-                for event in pool.poll(timeout_s=1.0):
-                    self._handle(event, queue, committer, progress)
-                progress.workers_alive = pool.alive
-                progress.tick()
+            self._loop(pool, queue, committer, progress, ray.cluster_resources)
         progress.close()
+
+    def _input_sizes(self, pending: list) -> list:
+        """With compiling on, the per-row sizes the pending rows ask for (read at planning from two
+        columns), so workers compile them before they are ready rather than run them eagerly."""
+        cfg = self.cfg
+        if cfg.model.compile == "none":
+            return []
+        fs, _ = open_filesystem(cfg.dataset.uri, storage_options_for(cfg.dataset.uri, cfg))
+        sizes = survey_sizes(pending, cfg.render, fs)
+        if sizes:
+            self._say(f"input rows ask for {len(sizes)} more size(s) to compile at worker start: "
+                      f"{', '.join(f'{h}x{w}' for h, w in sizes)}")
+        return sizes
+
+    def _loop(self, pool: WorkerPool, queue: ShardQueue, committer: Committer, progress: Progress,
+              resources, resize_every_s: float = RESIZE_EVERY_S) -> None:
+        """Dispatch until every shard is back. Work starts with the first ready worker; workers
+        the cluster has no room for wait (Ray keeps them pending) and start when a node joins."""
+        cfg = self.cfg
+        next_resize = pool.clock() + resize_every_s
+        while queue or pool.in_flight:
+            self.lock.check()
+            if queue:
+                self._replace_dead(pool, committer)
+                if str(cfg.workers.num_workers) == "auto" and pool.clock() >= next_resize:
+                    next_resize = pool.clock() + resize_every_s
+                    self._grow(pool, resolve_num_workers(cfg, resources()), len(queue))
+                self._check_starved(pool, resources)
+            pool.submit(queue)
+            for event in pool.poll(timeout_s=1.0):
+                self._handle(event, queue, committer, progress)
+            progress.workers, progress.workers_alive = len(pool.slots), pool.ready
+            progress.tick()
+            self._update_metrics(pool, queue, committer, progress)
+
+    def _grow(self, pool: WorkerPool, target: int, queued: int) -> None:
+        """`auto`: one more worker per new GPU (or spare CPU), while it has queued shards to take."""
+        started = pool.grow(min(target, pool.alive + queued))
+        if started:
+            pool.max_replacements += len(started) * self.cfg.workers.max_attempts
+            self._say(f"the cluster grew: starting worker(s) {', '.join(started)}")
+
+    def _check_starved(self, pool: WorkerPool, resources) -> None:
+        """One sentence when no worker has been ready for workers.startup_timeout_s."""
+        w = self.cfg.workers
+        if pool.starved_s() <= w.startup_timeout_s:
+            return
+        what = "no worker could load" if not pool.ever_ready else "no worker was ready (all were lost)"
+        last = f"; last load failure: {pool.last_load_error}" if pool.last_load_error else ""
+        have = {k: v for k, v in sorted(resources().items()) if k in ("CPU", "GPU")}
+        raise RunError(f"{what} within workers.startup_timeout_s={w.startup_timeout_s:g}s: {pool.loading} "
+                       f"worker(s) still waiting for resources (each needs {w.cpus_per_worker:g} CPU, "
+                       f"{w.gpus_per_worker:g} GPU; the cluster has {have}){last}.")
+
+    def _update_metrics(self, pool: WorkerPool, queue: ShardQueue, committer: Committer, progress: Progress) -> None:
+        outcome = committer.outcome
+        self.metrics.update(
+            row_counts={k: committer.stats.counts[k] for k in ("ok", "failed", "rejected")},
+            shard_counts={"ok": outcome.shards_committed, "failed": outcome.shards_failed},
+            replaced=committer.stats.events["workers_replaced"], rows_queued=queue.rows,
+            shards_queued=len(queue), in_flight=pool.in_flight, ready=pool.ready, loading=pool.loading,
+            images_per_s=progress.rates()[1])
 
     def _replace_dead(self, pool: WorkerPool, committer: Committer) -> None:
         try:
@@ -170,7 +240,11 @@ class Driver:
             self.limits = i.get("limits")
             self._say(f"worker {i['worker_id']} ready on {i['node']} ({i['device']}): "
                       f"load {i['load_s']:.1f}s, compile+warm-up {i['compile_s']:.1f}s")
+            from .runtime_check import check_runtime  # before it renders: a differing runtime is refused
+
+            check_runtime(self.store, i, self.cfg.resume == "force", self._say)
         elif isinstance(event, Done):
+            self.metrics.shard_latency(time.time() - event.task.submitted_at)
             try:
                 committer.commit(event.task.shard, event.result)
                 progress.advance(event.task.shard.num_rows, ok=event.result.counts()["ok"])
@@ -179,10 +253,11 @@ class Driver:
         elif isinstance(event, Errored):
             self._retry(event.task, event.reason, event.error, queue, committer, progress)
         elif isinstance(event, Lost):
-            if not event.ever_loaded and event.worker_id.endswith(".0"):
-                # a load failure at start is the checkpoint's or the config's: fail fast with it
+            if event.fatal:  # the checkpoint's or the config's fault: every other worker would fail too
                 raise RunError(f"worker {event.worker_id} {event.error}")
             committer.stats.note("workers_lost")
+            if not event.ever_loaded:
+                self._say(f"worker {event.worker_id} {event.error}; starting another")
             if event.reason == "timeout":
                 committer.stats.note("shard_timeouts")
                 self._say(f"shard {event.running.shard.shard_id} exceeded {self.cfg.workers.shard_timeout_s:g}s "
@@ -217,7 +292,9 @@ class Driver:
 
     def _actor_options(self, ray) -> dict:
         cfg = self.cfg
-        gpus = cfg.workers.gpus_per_worker if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        # a GPU run on a cluster whose GPU nodes have not joined yet still asks for GPUs (it waits)
+        wants_gpu = ray.cluster_resources().get("GPU", 0) > 0 or cfg.model.device == "cuda"
+        gpus = cfg.workers.gpus_per_worker if wants_gpu else 0
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         opts = dict(num_cpus=cfg.workers.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0)
         if env:
@@ -225,15 +302,19 @@ class Driver:
         return opts
 
     def _say(self, msg: str) -> None:
-        print(f"[cogview-ray] {redact_text(msg)}", file=self.out, flush=True)
+        line = f"[cogview-ray] {redact_text(msg)}"
+        print(line, file=self.out, flush=True)
+        self.log.add(line)
 
 
 def resolve_num_workers(cfg: RunConfig, resources: dict) -> int:
+    """Workers to run: the number asked for, or for `auto` what the cluster's resources hold now
+    (re-read while the run goes on, so workers follow GPUs as they join)."""
     n = cfg.workers.num_workers
     if str(n) != "auto":
         return int(n)
     gpus = resources.get("GPU", 0)
-    if gpus > 0:
+    if gpus > 0 or cfg.model.device == "cuda":
         return max(1, int(gpus // max(cfg.workers.gpus_per_worker, 1e-9)))
     spare = resources.get("CPU", 1) - 1  # leave a core for the driver and I/O
     return max(1, int(spare // max(cfg.workers.cpus_per_worker, 1e-9)))

@@ -15,6 +15,9 @@ SEED_SCHEME = 1
 # How rows.object_key turns ids into output keys. 2: ids with capitals are hashed and every key is
 # lower case, so ids that differ only in case never share an object on a case-insensitive store.
 KEY_SCHEME = 2
+# The layout of `parquet` output containers. 2: `image` is a struct {bytes, path} with Hugging Face
+# `Image` feature metadata (1 was plain binary): a run may not mix the two, or `datasets` refuses it.
+PARQUET_SCHEME = 2
 # Runs made before the scheme was recorded used scheme 1, and their identity has no seed_scheme:
 # scheme 1 is recorded by its absence, so their `_run.json` and default run ids stay valid.
 _UNRECORDED_SEED_SCHEME = 1
@@ -28,6 +31,8 @@ def output_defining(cfg: RunConfig) -> dict:
     if SEED_SCHEME != _UNRECORDED_SEED_SCHEME:
         settings["render"]["seed_scheme"] = SEED_SCHEME
     settings["output"]["key_scheme"] = KEY_SCHEME
+    if cfg.output.format == "parquet":
+        settings["output"]["parquet_scheme"] = PARQUET_SCHEME
     return settings
 
 
@@ -96,4 +101,11 @@ def runtime_identity(pipeline_identity: dict, torch_version: str, device_name: s
     return {"compile": pipeline_identity.get("compile", "none"),
             "attention": pipeline_identity.get("attention"),
             "dtype": pipeline_identity.get("dtype"),
-            "torch": torch_version, "cudnn": cudnn_version, "device": device_name}
+            "torch": torch_version, "cudnn": cudnn_version, "device": device_name,
+            # a family's kernel generation (absent where it has none): a change of kernels changes bytes
+            **({"kernels": pipeline_identity["kernels"]} if "kernels" in pipeline_identity else {})}
+
+
+def family_name(class_name: str) -> str:
+    """The short family name of a pipeline class: 'CogView4Pipeline' -> 'cogview4' (manifest rows)."""
+    return str(class_name).removesuffix("Pipeline").lower()

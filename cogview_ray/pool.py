@@ -1,10 +1,13 @@
 """`WorkerPool`: render workers in slots with an explicit state (loading, ready, dead), shards
 handed to ready ones, and what one wait brought back as events (`Loaded`, `Done`, `Errored`,
-`Lost`). Ray is reached only through a small backend, so the pool is testable without it.
+`Lost`). The pool is elastic: it hands out work as soon as one worker is ready, a worker waiting
+for resources just stays loading, and `grow` adds slots. Ray is reached only through a small
+backend, so the pool is testable without it.
 """
 from __future__ import annotations
 
 import enum
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -32,6 +35,17 @@ class ResultLost(Exception):
 
 class WorkersExhausted(RuntimeError):
     """Workers were lost more often than the pool may replace them."""
+
+
+# A worker whose load raises one of these would fail the same way on any node (the checkpoint
+# or the settings are wrong): the run fails fast rather than replace it. Anything else (a node
+# lost while loading, a process killed) is replaced.
+DETERMINISTIC_LOAD_ERRORS = ("CheckpointError", "ConfigError")
+_DETERMINISTIC = re.compile(r"\b(?:%s):" % "|".join(DETERMINISTIC_LOAD_ERRORS))
+
+
+def is_deterministic_load_error(error: str) -> bool:
+    return _DETERMINISTIC.search(error) is not None
 
 
 # -- events --------------------------------------------------------------------------------
@@ -70,6 +84,7 @@ class Lost:
     running: Optional[Task]
     queued: list[Task]
     ever_loaded: bool  # False: it failed while loading its pipeline
+    fatal: bool = False  # its load failed deterministically (is_deterministic_load_error)
 
 
 Event = Loaded | Done | Errored | Lost
@@ -100,16 +115,21 @@ class Slot:
 
 
 class WorkerPool:
-    """`size` slots; `submit` fills ready workers from a queue, `poll` waits and reports events,
-    `replace_dead` restarts lost workers (at most `max_replacements` over the pool's life)."""
+    """`size` slots, all started at once (a worker the cluster has no room for yet stays loading
+    until a node joins); `grow` adds slots. `submit` fills ready workers from a queue, `poll`
+    waits and reports events, `replace_dead` restarts lost workers (at most `max_replacements`
+    over the pool's life), `starved_s` says how long no worker has been ready."""
 
     def __init__(self, backend: "Backend", size: int, *, max_in_flight: int, shard_timeout_s: float,
                  max_replacements: int, clock: Callable[[], float] = time.time):
         self.backend, self.max_in_flight, self.shard_timeout_s = backend, max_in_flight, shard_timeout_s
         self.max_replacements, self.clock = max_replacements, clock
-        self.slots = [self._start(i, 0) for i in range(size)]
+        self.slots: list[Slot] = []
         self.replacements = 0
-        self._owner: dict = {}  # ref -> slot, for in-flight shards and loading calls
+        self.ever_ready = False
+        self.last_load_error: Optional[str] = None
+        self._unready_since: Optional[float] = clock()  # None while some worker is ready
+        self.grow(size)
 
     def _start(self, index: int, generation: int) -> Slot:
         slot = Slot(index, generation, None)
@@ -124,11 +144,38 @@ class WorkerPool:
         return sum(1 for s in self.slots if s.state is not SlotState.DEAD)
 
     @property
-    def busy(self) -> bool:
-        """Anything to wait for: shards in flight or workers loading."""
-        return any(s.inflight or s.state is SlotState.LOADING for s in self.slots)
+    def ready(self) -> int:
+        return sum(1 for s in self.slots if s.state is SlotState.READY)
+
+    @property
+    def loading(self) -> int:
+        """Workers starting: waiting for resources, or loading their pipeline."""
+        return sum(1 for s in self.slots if s.state is SlotState.LOADING)
+
+    @property
+    def in_flight(self) -> int:
+        """Shards handed out and not yet back: while any are, the run is not over (a worker
+        still loading is not worth waiting for once the queue is empty)."""
+        return sum(len(s.inflight) for s in self.slots)
+
+    def starved_s(self) -> float:
+        """Seconds since the pool last had a ready worker (since it started, if none ever
+        loaded); 0 while one is ready."""
+        return 0.0 if self._unready_since is None else max(0.0, self.clock() - self._unready_since)
+
+    def _mark_unready(self) -> None:
+        if self._unready_since is None and not self.ready:
+            self._unready_since = self.clock()
 
     # -- actions -----------------------------------------------------------------------------
+
+    def grow(self, size: int) -> list[str]:
+        """Add fresh slots up to `size` in all (never shrinks); the new workers' ids."""
+        started = []
+        while len(self.slots) < size:
+            self.slots.append(self._start(len(self.slots), 0))
+            started.append(self.slots[-1].worker_id)
+        return started
 
     def replace_dead(self) -> list[str]:
         """Start a new worker in each dead slot; the new workers' ids."""
@@ -144,14 +191,13 @@ class WorkerPool:
 
     def submit(self, queue: ShardQueue) -> None:
         """Hand queued shards to ready workers, up to `max_in_flight` each (never to one still
-        loading: queued there, shards would wait while ready workers run dry). Nothing is handed
-        out until every first worker has loaded or failed, so a fast loader does not take all
-        the work of a small run."""
-        if any(s.generation == 0 and s.state is SlotState.LOADING for s in self.slots):
-            return
+        loading: queued there, shards would wait while ready workers run dry, and a worker the
+        cluster has no room for may never start). Work starts with the first ready worker; the
+        queue deals each worker its own block of consecutive shards, so an early worker takes
+        the head of the plan, not the whole of a small run."""
         for slot in self.slots:
             while slot.state is SlotState.READY and queue and len(slot.inflight) < self.max_in_flight:
-                task = queue.pop()
+                task = queue.pop(slot.index)
                 task.submitted_at = self.clock()
                 if not slot.inflight:
                     slot.head_started = task.submitted_at
@@ -181,8 +227,12 @@ class WorkerPool:
             try:
                 info = self.backend.get(ref)
             except (WorkerDied, TaskFailed, ResultLost) as e:
-                return self._lose(slot, "worker_died", f"could not start: {e}")
+                self.last_load_error = f"{slot.worker_id} could not start: {e}"
+                lost = self._lose(slot, "worker_died", f"could not start: {e}")
+                lost.fatal = is_deterministic_load_error(str(e))
+                return lost
             slot.state, slot.ready_ref = SlotState.READY, None
+            self.ever_ready, self._unready_since = True, None
             return Loaded(slot.worker_id, info)
         try:
             result = self.backend.get(ref)
@@ -204,6 +254,7 @@ class WorkerPool:
         slot.inflight.clear()
         slot.state, slot.ready_ref = SlotState.DEAD, None
         self.backend.kill(slot.actor)
+        self._mark_unready()
         return Lost(slot.worker_id, reason, error, tasks[0] if tasks else None, tasks[1:], ever_loaded)
 
     def shutdown(self) -> None:
@@ -231,15 +282,16 @@ class Backend:
 
 
 class RayBackend(Backend):
-    """Actors of `RenderWorker`, created with `options` and `args` plus the worker id."""
+    """Actors of `RenderWorker`, created with `options`, `args` plus the worker id, and `kwargs`."""
 
-    def __init__(self, actor_cls, options: dict, args: tuple):
+    def __init__(self, actor_cls, options: dict, args: tuple, kwargs: Optional[dict] = None):
         import ray
 
         self.ray, self.remote_cls, self.args = ray, ray.remote(actor_cls).options(**options), args
+        self.kwargs = kwargs or {}
 
     def start(self, worker_id: str):
-        return self.remote_cls.remote(*self.args, worker_id)
+        return self.remote_cls.remote(*self.args, worker_id, **self.kwargs)
 
     def info(self, actor):
         return actor.info.remote()

@@ -53,6 +53,7 @@ class Reason(_Code):
     # failed: the row itself could not be rendered
     NONFINITE_OUTPUT = "nonfinite_output"
     OUT_OF_MEMORY = "out_of_memory"
+    WRITE_FAILED = "write_failed"  # its image upload kept failing (format=files); detail in `error`
     # failed: the whole shard ran out of attempts (driver)
     WORKER_DIED = "worker_died"
     WORKER_LOST = "worker_lost"
@@ -130,6 +131,9 @@ class RowRecord(RenderParams, _RecordHead):
     model_hash: Optional[str] = None
     prompt_truncated: bool = False
     error: Optional[str] = None  # free-text detail of a failure (capped); never parsed
+    # Appended last, so earlier columns keep their order; manifests written before them read as null.
+    family: Optional[str] = None  # model family (model_index `_class_name`) that rendered the row
+    attention: Optional[str] = None  # SDPA backend the pipeline used (its identity), e.g. flash, math
 
     def __post_init__(self):
         if self.error is not None and len(self.error) > MAX_ERROR_CHARS:

@@ -25,6 +25,7 @@ from .errors import UserError
 from . import manifest as mf
 from .records import count_reasons
 from .sinks import iter_container, split_locator
+from .run_logs import describe_logs
 from .storage import RunStore
 
 # Per-image stage times. The first three are the batch's time divided by its size (images of a
@@ -57,6 +58,7 @@ class ReportData:
     success: Optional[dict]
     totals: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)  # rows per reason code, as _SUCCESS.json and verify count
+    logs: Optional[str] = None  # where the driver logs and worker errors are (`_logs/`), if any
 
     @property
     def complete(self) -> bool:
@@ -76,11 +78,11 @@ def collect(store: RunStore) -> ReportData:
     """Manifest rows, commit markers and run files of one run."""
     store.invalidate()
     run_info = mf.read_run_info(store)
-    shards = sorted(mf.committed_shards(store))
+    generations = mf.committed_generations(store)
+    shards = sorted(generations)
     if run_info is None and not shards:
         raise ReportError(f"{store.url()} holds no run (no {layout.RUN_INFO} and no committed shards).")
-    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-        commits = list(pool.map(lambda s: mf.read_commit(store, s), shards))
+    commits = list(mf.read_commits(store, shards, generations).values())
     commits.sort(key=lambda c: (c.get("committed_at") or 0.0, c["shard_id"]))
     table = mf.read_manifest(store, columns=COLUMNS)
     rows = table.to_pydict()
@@ -350,6 +352,7 @@ def write_html(data: ReportData, store: RunStore, sample: list[dict], values: di
         "text-align:left;font-size:14px}img{max-width:100%}figcaption{color:#555;font-size:13px}</style>",
         "</head><body>",
         f"<h1>Run {e(data.run_id)}</h1><p><code>{e(data.run_url)}</code> &mdash; {e(status)}</p>",
+        f"<p id='logs'>Logs: <code>{e(data.logs)}</code></p>" if data.logs else "",
         "<h2>Totals</h2><table>",
         *(f"<tr><th>{k}</th><td id='total-{k}'>{t[k]}</td></tr>" for k in
           ("rows", "ok", "failed", "rejected", "shards_committed", "failed_shards")),
@@ -403,6 +406,7 @@ def build_report(run_uri: str, out_dir: Optional[str] = None,
     _figure_class()  # fail before reading anything if matplotlib is missing
     store = store or RunStore.from_run_uri(run_uri, storage_options)
     data = collect(store)
+    data.logs = describe_logs(store)
     out_dir = out_dir or f"report-{store.run_id}"
     os.makedirs(out_dir, exist_ok=True)
     sample = sample_ok_rows(data, sample_size, seed)
@@ -415,6 +419,6 @@ def build_report(run_uri: str, out_dir: Optional[str] = None,
     page = os.path.join(out_dir, "report.html")
     write_html(data, store, sample, values, busy, series, page)
     with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump({"run": data.run_url, "complete": data.complete, "totals": data.totals, "reasons": data.reasons,
-                   "throughput": series, "workers": busy}, f, indent=2, sort_keys=True)
+        json.dump({"run": data.run_url, "complete": data.complete, "logs": data.logs, "totals": data.totals,
+                   "reasons": data.reasons, "throughput": series, "workers": busy}, f, indent=2, sort_keys=True)
     return ReportResult(out_dir, page, pngs, data, sample)

@@ -41,6 +41,13 @@ _META_TYPES = {
     "model_path": pa.string(), "model_hash": pa.string(),
 }
 _RESERVED_COLUMNS = ("key", "member", "image")
+# The parquet layout's image column: the storage type of Hugging Face `datasets.Image`, which
+# `datasets` only recognises when the column has exactly this type (a plain binary column is not).
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+# Schema metadata that declares `image` an Image feature (the other columns are inferred from
+# their Arrow types); fixed bytes, so containers stay byte-deterministic.
+HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}},
+                                          sort_keys=True, separators=(",", ":")).encode()}
 _TAR_MTIME = 0
 
 
@@ -204,8 +211,10 @@ class WebDatasetSink(_SpooledSink):
 
 
 class ParquetSink(_SpooledSink):
-    """`shards/{shard}.parquet`: columns `key`, `member` (`{key}.{ext}`), `image`
-    (binary) and one column per metadata key (known ones typed, others JSON text)."""
+    """`shards/{shard}.parquet`: columns `key`, `member` (`{key}.{ext}`), `image` (a struct
+    {bytes, path=member}, declared a Hugging Face `Image` in the schema metadata, so
+    `datasets.load_dataset("parquet", ...)` decodes it) and one column per metadata key
+    (known ones typed, others JSON text)."""
 
     suffix = "parquet"
 
@@ -213,11 +222,12 @@ class ParquetSink(_SpooledSink):
         metas = {k: json.loads(self._read(k, "json")) for k in keys}
         names = sorted({n for m in metas.values() for n in m} - set(_RESERVED_COLUMNS))
         fields = [pa.field("key", pa.string()), pa.field("member", pa.string()),
-                  pa.field("image", pa.binary())]
+                  pa.field("image", IMAGE_TYPE)]
         fields += [pa.field(n, _META_TYPES.get(n, pa.string())) for n in names]
-        schema = pa.schema(fields)
+        schema = pa.schema(fields, metadata=HF_METADATA)
         compression = {f.name: "snappy" for f in fields}
-        compression["image"] = "none"  # already-compressed image bytes
+        del compression["image"]  # nested: compression is set per leaf column
+        compression.update({"image.bytes": "none", "image.path": "snappy"})  # image bytes are compressed already
         with pq.ParquetWriter(out_path, schema, compression=compression,
                               write_statistics=False, store_schema=True) as writer:
             for start in range(0, len(keys), PARQUET_ROW_GROUP_ROWS):
@@ -225,7 +235,7 @@ class ParquetSink(_SpooledSink):
                 cols: dict[str, list] = {
                     "key": chunk,
                     "member": [f"{k}.{self.ext}" for k in chunk],
-                    "image": [self._read(k, "img") for k in chunk],
+                    "image": [{"bytes": self._read(k, "img"), "path": f"{k}.{self.ext}"} for k in chunk],
                 }
                 for n in names:
                     cols[n] = [_meta_cell(metas[k].get(n), n) for k in chunk]
@@ -264,8 +274,10 @@ def iter_container(store: RunStore, rel: str) -> Iterator[tuple[str, bytes]]:
         elif rel.endswith(".parquet"):
             pf = pq.ParquetFile(f)
             for batch in pf.iter_batches(columns=["member", "image"], batch_size=16):
-                yield from zip(batch.column("member").to_pylist(),
-                               batch.column("image").to_pylist())
+                images = batch.column("image")
+                if pa.types.is_struct(images.type):  # containers before the Image struct held plain bytes
+                    images = images.field("bytes")
+                yield from zip(batch.column("member").to_pylist(), images.to_pylist())
         else:
             raise ValueError(f"{rel!r} is not a .tar or .parquet shard container")
 

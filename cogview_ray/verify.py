@@ -20,6 +20,7 @@ from cogview_ray import layout
 from cogview_ray import manifest as mf
 from cogview_ray.coverage import RowCoverage, describe_rows, describe_runs, planned_rows, row_runs
 from cogview_ray.duplicates import DuplicateFinder
+from cogview_ray.run_logs import describe_logs
 from cogview_ray.sinks import iter_container, split_locator
 from cogview_ray.storage import RunStore, check_relative
 
@@ -46,6 +47,8 @@ class VerifyReport:
     totals: dict[str, int] = field(default_factory=lambda: dict(
         shards=0, rows=0, ok=0, failed=0, rejected=0, objects_checked=0))
     reasons: Counter = field(default_factory=Counter)  # rows per reason code (as _SUCCESS.json, report)
+    logs: Optional[str] = None  # where the driver logs and worker errors are (`_logs/`), if any
+    runtime: Optional[str] = None  # what rendered it (`_runtime.json`): torch, device, attention, ...
 
     @property
     def verified(self) -> bool:
@@ -61,7 +64,11 @@ class VerifyReport:
         ]
         if self.reasons:
             lines.append("  reasons  " + "  ".join(f"{k} {v}" for k, v in sorted(self.reasons.items())))
+        if self.runtime:
+            lines.append(f"  runtime  {self.runtime}")
         lines += [f"  note: {n}" for n in self.notes]
+        if self.logs:
+            lines.append(f"  logs: {self.logs}")
         lines += [f"  - {p}" for p in self.problems[:_SHOWN_PROBLEMS]]
         if len(self.problems) > _SHOWN_PROBLEMS:
             lines.append(f"  ... and {len(self.problems) - _SHOWN_PROBLEMS} more")
@@ -94,16 +101,21 @@ def verify_run(uri: str, storage_options: Mapping[str, Any] | None = None,
     info = _read_json(store, layout.RUN_INFO, problems)
     if info is None:
         problems.append(f"{layout.RUN_INFO} is missing")
+    from cogview_ray.runtime_check import describe_runtime, read_runtime
+
+    runtime = read_runtime(store)  # None for runs made before `_runtime.json`
+    report.runtime = describe_runtime(runtime) if runtime else None
     coverage = RowCoverage(planned_rows((info or {}).get("fingerprint")))
     if info is not None and coverage.planned is None:
         report.notes.append(f"{layout.RUN_INFO} records no per-file row counts of the input: rows that "
                             f"no shard holds cannot be found")
     success = _read_json(store, layout.SUCCESS, problems)
     columns = _ROW_COLUMNS + (_OBJECT_COLUMNS if check_objects else [])
-    shards = sorted(mf.committed_shards(store))
+    generations = mf.committed_generations(store)  # each shard's current (newest) marker
+    shards = sorted(generations)
     unranged = 0
     with DuplicateFinder(_ID_SCHEMA, _SPILL_ROWS) as ids, DuplicateFinder(_KEY_SCHEMA, _SPILL_ROWS) as keys:
-        for loaded in _prefetch(lambda shard: _load(store, shard, columns), shards):
+        for loaded in _prefetch(lambda shard: _load(store, shard, columns, generations[shard]), shards):
             ranged = _marker_range(loaded.marker) is not None
             unranged += loaded.marker is not None and not ranged
             problems += loaded.problems
@@ -132,6 +144,7 @@ def verify_run(uri: str, storage_options: Mapping[str, Any] | None = None,
     problems += gaps
     report.notes += in_progress
     _check_success(success, report)
+    report.logs = describe_logs(store)  # logs are never outputs: only pointed to
     return report
 
 
@@ -161,11 +174,11 @@ def _read_json(store: RunStore, rel: str, problems: list[str]) -> Optional[dict]
     return value
 
 
-def _load(store: RunStore, shard: str, columns: list[str]) -> _Loaded:
-    """The shard's marker and the needed columns of the manifest part it names. Runs ahead in
-    threads: reading, hashing and decoding release the GIL."""
+def _load(store: RunStore, shard: str, columns: list[str], generation: int) -> _Loaded:
+    """The shard's current marker and the needed columns of the manifest part it names. Runs ahead
+    in threads: reading, hashing and decoding release the GIL."""
     try:
-        marker = json.loads(store.read(layout.commit_marker(shard)))
+        marker = json.loads(store.read(layout.commit_marker(shard, generation)))
     except (ValueError, FileNotFoundError):
         marker = None
     if not isinstance(marker, dict):

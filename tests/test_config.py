@@ -91,6 +91,8 @@ def test_empty_yaml_file_is_defaults(tmp_path):
         ("workers.max_in_flight=0", "workers.max_in_flight", "0"),
         ("workers.max_attempts=0", "workers.max_attempts", "0"),
         ("workers.shard_timeout_s=0", "workers.shard_timeout_s", "0"),
+        ("workers.startup_timeout_s=0", "workers.startup_timeout_s", "0"),
+        ("workers.startup_timeout_s=-5", "workers.startup_timeout_s", "-5"),
         ("workers.gpus_per_worker=-1", "workers.gpus_per_worker", "-1"),
         ("render.height=0", "render.height", "0"),
         ("render.width=-16", "render.width", "-16"),
@@ -253,12 +255,14 @@ def test_output_identity_of_existing_settings_is_unchanged():
         "dataset": {"uri": "data/prompts.parquet", "prompt_column": "prompt", "id_column": None,
                     "shard_size": 1000, "limit": None},
         "render": {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 5.0,
-                   "negative_prompt": None, "seed": 0, "max_sequence_length": 224, "max_prompt_chars": 10000},
+                   "negative_prompt": None, "seed": 0, "max_sequence_length": None, "max_prompt_chars": 10000},
         "output": {"format": "files", "image_format": "png", "quality": 95, "key_scheme": 2},
     }
-    # what driver.default_run_id hashes (it changed with the prompt limit and key scheme 2)
+    # what driver.default_run_id hashes (it changed with the prompt limit, key scheme 2 and the
+    # max_sequence_length default None: the driver cannot tell "224 for CogView3-Plus" from
+    # "224 for CogView4", so None is recorded as itself)
     blob = json.dumps({"settings": settings, "input": {"files": []}}, sort_keys=True)
-    assert hashlib.sha256(blob.encode()).hexdigest()[:12] == "877c15342b5c"
+    assert hashlib.sha256(blob.encode()).hexdigest()[:12] == "b77c6f999e57"
 
 
 def test_a_new_setting_defines_the_output_unless_marked():
@@ -271,6 +275,16 @@ def test_a_new_setting_defines_the_output_unless_marked():
     cfg = dataclasses.replace(cfg, output=WatermarkedOutput(**dataclasses.asdict(cfg.output)))
     assert output_defining(cfg)["output"] == {"format": "files", "image_format": "png", "quality": 95,
                                               "watermark": "none", "key_scheme": 2}
+
+
+def test_parquet_container_scheme_defines_parquet_runs_only():
+    files = output_defining(_load())
+    parquet = output_defining(load_config(None, REQUIRED + ["output.format=parquet"]))
+    assert "parquet_scheme" not in files["output"]
+    assert parquet["output"]["parquet_scheme"] == identity.PARQUET_SCHEME == 2
+    # a parquet run made before the Image struct (no scheme recorded) is refused on resume
+    old = {**parquet, "output": {k: v for k, v in parquet["output"].items() if k != "parquet_scheme"}}
+    assert diff_output_defining(old, parquet) == ["output.parquet_scheme: (absent) -> 2"]
 
 
 def test_seed_scheme_enters_the_identity_once_it_changes(monkeypatch):

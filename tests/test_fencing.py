@@ -257,7 +257,7 @@ def test_resume_force_with_another_shard_size_is_refused(tmp_path, capsys):
     """10 rows in shards of 4, two committed, driver gone; rerun with shards of 5 and resume=force:
     both new shard ids are committed, but for other rows, so nothing may be skipped by id."""
     store = _commit_some(tmp_path, 4, 2)
-    before = sorted(p for p in (tmp_path / "out" / "run1").rglob("*") if p.is_file() and "_locks" not in p.parts)
+    before = sorted(p for p in (tmp_path / "out" / "run1").rglob("*") if p.is_file() and not {"_locks", "_logs"} & set(p.parts))
     code, err = _render(_args(tmp_path, "dataset.shard_size=5", "resume=force"), capsys)
     assert code == RunRefused.exit_code == 2
     data = tmp_path / "prompts.parquet"
@@ -265,7 +265,7 @@ def test_resume_force_with_another_shard_size_is_refused(tmp_path, capsys):
                   f"plan (f00000-000000 covers rows [0, 4) of {data}, planned now as rows [0, 5) of {data}; " \
                   f"f00000-000001 covers rows [4, 8) of {data}, planned now as rows [5, 10) of {data}), so skipping " \
                   f"them would lose or repeat rows whatever `resume` says; render into a new output.run_id"
-    after = sorted(p for p in (tmp_path / "out" / "run1").rglob("*") if p.is_file() and "_locks" not in p.parts)
+    after = sorted(p for p in (tmp_path / "out" / "run1").rglob("*") if p.is_file() and not {"_locks", "_logs"} & set(p.parts))
     assert after == before and not store.exists(layout.SUCCESS)
 
 
@@ -316,11 +316,12 @@ def _commits(run_dir: Path) -> set[str]:
 
 
 def _contents(run_dir: Path) -> dict:
-    """sha256 of every object but the first holder's heartbeat (its own object, which it may still
-    touch) and temporary files."""
+    """sha256 of every object but the first holder's heartbeat and its driver log (its own
+    objects, which it may still touch: the log says it lost the lock) and temporary files."""
     skip = {run_dir / layout.lock_heartbeat(1)}
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in run_dir.rglob("*") if p.is_file() and p not in skip and ".tmp" not in p.parts}
+            for p in run_dir.rglob("*")
+            if p.is_file() and p not in skip and not {".tmp", layout.LOGS_DIR} & set(p.relative_to(run_dir).parts)}
 
 
 def _wait_for(predicate, what: str, timeout_s: float = 180) -> None:

@@ -2,7 +2,7 @@
 import pytest
 
 from cogview_ray.pool import (Done, Errored, Loaded, Lost, ResultLost, SlotState, TaskFailed, WorkerDied,
-                              WorkerPool, WorkersExhausted)
+                              WorkerPool, WorkersExhausted, is_deterministic_load_error)
 from cogview_ray.shard_queue import ShardQueue, Task
 from cogview_ray.shards import Shard
 
@@ -108,6 +108,7 @@ def test_no_shards_before_a_worker_has_loaded():
     assert sorted(type(e).__name__ for e in events) == ["Loaded", "Loaded"]
     pool.submit(q)
     assert len(q) == 1 and len(backend.pending("render")) == 4  # 2 workers x max_in_flight 2
+    assert (pool.ready, pool.loading, pool.in_flight) == (2, 0, 4)
 
 
 def test_done_and_errored_events_carry_the_task():
@@ -122,7 +123,7 @@ def test_done_and_errored_events_carry_the_task():
     backend.finish(second, TaskFailed("RuntimeError: boom"))
     (event,) = pool.poll(0)
     assert isinstance(event, Errored) and (event.reason, event.error) == ("worker_error", "RuntimeError: boom")
-    assert event.task.shard.shard_id == "f00000-000001" and pool.alive == 1 and not pool.busy
+    assert event.task.shard.shard_id == "f00000-000001" and pool.alive == 1 and pool.in_flight == 0
 
 
 @pytest.mark.parametrize("error,reason", [(WorkerDied("gone"), "worker_died"), (ResultLost("lost"), "worker_lost")])
@@ -171,7 +172,21 @@ def test_a_worker_that_cannot_load_is_lost_as_never_loaded():
     backend.finish(a, WorkerDied("CheckpointError: bad weights"))
     (event,) = pool.poll(0)
     assert isinstance(event, Lost) and not event.ever_loaded and "could not start" in event.error
-    assert event.running is None and pool.alive == 1
+    assert event.running is None and pool.alive == 1 and event.fatal
+    backend.finish(b, WorkerDied("The actor died unexpectedly before finishing this task.\n\tip: 10.0.0.7"))
+    (event,) = pool.poll(0)
+    assert not event.fatal and pool.last_load_error.startswith("w01.0 could not start: The actor died")
+
+
+@pytest.mark.parametrize("error,fatal", [
+    ("cogview_ray.model.loading.CheckpointError: /m is not a diffusers checkpoint folder", True),
+    ("ConfigError: render.height and render.width (65x64) must be multiples of 16 px", True),
+    ("OSError: [Errno 28] No space left on device", False),
+    ("The actor died because its node has died. Node Id: 1f3a", False),
+    ("RuntimeError: no CheckpointErrors here", False),
+])
+def test_only_checkpoint_and_config_errors_are_deterministic(error, fatal):
+    assert is_deterministic_load_error(error) is fatal
 
 
 def test_replacements_are_capped():
@@ -196,15 +211,41 @@ def test_shutdown_kills_every_worker():
     assert isinstance(Loaded("w", {}), Loaded)
 
 
-def test_no_shards_until_every_first_worker_has_loaded_or_failed():
-    pool, backend, _ = make_pool(size=2)
-    q = ShardQueue([shard(i) for i in range(3)], max_attempts=3)
+def test_work_starts_with_the_first_ready_worker_and_a_late_one_takes_its_own_block():
+    pool, backend, _ = make_pool(size=2, max_in_flight=2)
+    q = ShardQueue([shard(i) for i in range(8)], max_attempts=3)
     a, b = backend.pending("info")
     backend.finish(a, {"worker_id": "w00.0"})
     pool.poll(0)
-    pool.submit(q)
-    assert len(q) == 3  # w01.0 still loading
-    backend.finish(b, WorkerDied("no GPU"))
+    pool.submit(q)  # w01.0 is still pending (no resources): w00.0 starts anyway
+    assert [r[0][2] for r in backend.pending("render")] == ["f00000-000000", "f00000-000001"]
+    assert (pool.ready, pool.loading, pool.starved_s()) == (1, 1, 0.0)
+    backend.finish(b, {"worker_id": "w01.0"})  # its node joined
     pool.poll(0)
     pool.submit(q)
-    assert len(q) == 1 and len(backend.pending("render")) == 2
+    # the late worker starts in the middle of what is left, not right behind w00.0
+    late = [r[0][2] for r in backend.pending("render") if r[0][1] == "w01.0"]
+    assert late == ["f00000-000005", "f00000-000006"]
+
+
+def test_grow_adds_slots_and_never_shrinks():
+    pool, backend, _ = make_pool(size=1)
+    assert pool.grow(3) == ["w01.0", "w02.0"] and len(backend.pending("info")) == 3
+    assert pool.grow(2) == [] and len(pool.slots) == 3 and pool.loading == 3
+
+
+def test_starved_counts_from_the_start_and_from_the_last_ready_worker_lost():
+    pool, backend, clock = make_pool(size=2)
+    clock.t += 30
+    assert pool.starved_s() == 30 and not pool.ever_ready  # pending workers are not failures
+    a, b = backend.pending("info")
+    backend.finish(a, {"worker_id": "w00.0"})
+    pool.poll(0)
+    assert pool.starved_s() == 0 and pool.ever_ready
+    pool.submit(ShardQueue([shard(0)], max_attempts=3))
+    (ref,) = backend.pending("render")
+    backend.finish(ref, WorkerDied("node lost"))
+    clock.t += 7
+    pool.poll(0)
+    clock.t += 5
+    assert pool.starved_s() == 5 and pool.loading == 1  # w01.0 still waits for resources

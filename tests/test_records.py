@@ -38,7 +38,7 @@ def spec(i, status=Status.PENDING, reason=None, **params):
 
 def test_schema_is_the_record_fields_with_columns_in_the_old_order():
     names = [f.name for f in dataclasses.fields(RowRecord)]
-    assert MANIFEST_SCHEMA.names == names == COLUMNS_BEFORE_ERROR + ["error"]
+    assert MANIFEST_SCHEMA.names == names == COLUMNS_BEFORE_ERROR + ["error", "family", "attention"]
     types = {n: str(MANIFEST_SCHEMA.field(n).type) for n in ("seed", "height", "attempt", "guidance_scale",
                                                              "prompt_truncated", "error", "row_index")}
     assert types == {"seed": "int64", "height": "int32", "attempt": "int32", "guidance_scale": "double",
@@ -93,7 +93,7 @@ def test_codes_are_their_strings():
     assert Status.OK == "ok" and {"ok": 1}[Status.OK] == 1 and {Reason.TIMEOUT: 1}["timeout"] == 1
     assert json.dumps({"r": Reason.BAD_SEED}) == '{"r": "bad_seed"}'
     assert {r.value for r in Reason} >= {"worker_died", "worker_lost", "worker_error", "timeout", "bad_result",
-                                         "input_changed", "prompt_too_long", "size_not_compiled"}
+                                         "input_changed", "prompt_too_long", "size_not_compiled", "write_failed"}
 
 
 def test_a_reason_with_detail_is_refused():
@@ -158,3 +158,25 @@ def test_a_manifest_from_before_the_error_column_still_reads(tmp_path):
     table = mf.read_manifest(store)
     assert table.schema == MANIFEST_SCHEMA and table.column("error").to_pylist() == [None, None, None]
     assert collect(store).reasons == {"worker_error": 2, "empty_prompt": 1}
+
+
+def test_family_and_attention_columns_round_trip_and_older_manifests_read_as_null(tmp_path):
+    records = [dataclasses.replace(r, family="cogview4", attention="flash") for r in _run_records()
+               if r.status != "ok"]  # no objects to check
+    assert [str(MANIFEST_SCHEMA.field(n).type) for n in ("family", "attention")] == ["string", "string"]
+    new = RunStore(str(tmp_path / "new"), "run1")
+    mf.write_run_info(new, {"config": {}})
+    _commit(new, records)
+    got = mf.read_manifest(new, columns=["family", "attention"]).to_pydict()
+    assert got == {"family": ["cogview4"] * 3, "attention": ["flash"] * 3}
+
+    old = RunStore(str(tmp_path / "old"), "run1")  # written before the columns existed
+    mf.write_run_info(old, {"config": {}})
+    _commit(old, records, records_table(records).drop_columns(["family", "attention"]))
+    report = verify_run(old.url())
+    assert report.verified, report.problems
+    assert (report.totals["failed"], report.totals["rejected"]) == (2, 1)
+    table = mf.read_manifest(old)
+    assert table.schema == MANIFEST_SCHEMA
+    assert table.column("family").to_pylist() == table.column("attention").to_pylist() == [None] * 3
+    assert collect(old).reasons == {"worker_error": 2, "empty_prompt": 1}

@@ -98,14 +98,26 @@ def test_parquet_layout(tmp_path):
     table = pq.read_table(io.BytesIO(store.read("shards/00007.parquet")))
     assert table.column("key").to_pylist() == ["a-0", "b-1", "c-2"]
     assert table.column("member").to_pylist() == ["a-0.jpg", "b-1.jpg", "c-2.jpg"]
-    assert table.column("image").to_pylist()[2] == items[0][1]
-    assert table.schema.field("image").type == pa.binary()
+    assert table.column("image").to_pylist()[2] == {"bytes": items[0][1], "path": "c-2.jpg"}
+    # the storage type and schema metadata of a Hugging Face `datasets.Image` column
+    assert table.schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    assert json.loads(table.schema.metadata[b"huggingface"]) == {"info": {"features": {"image": {"_type": "Image"}}}}
     assert table.schema.field("seed").type == pa.int64()
     assert table.schema.field("guidance_scale").type == pa.float64()
     assert table.column("seed").to_pylist() == [101, 102, 100]
     assert table.column("prompt").to_pylist()[0] == "prompt 1 ✓"
     assert table.column("tags").to_pylist()[0] == '["x",1]'  # unknown keys as JSON text
     assert dict(iter_container(store, "shards/00007.parquet"))["b-1.jpg"] == items[2][1]
+
+
+def test_parquet_containers_of_earlier_releases_still_read(tmp_path):
+    """Before the Image struct, `image` was a plain binary column: readers take both."""
+    store = RunStore(str(tmp_path), "run1")
+    table = pa.table({"key": ["a"], "member": ["a.png"], "image": pa.array([b"old bytes"], pa.binary())})
+    pq.write_table(table, str(tmp_path / "old.parquet"))
+    store.upload("shards/00001.parquet", str(tmp_path / "old.parquet"))
+    assert list(iter_container(store, "shards/00001.parquet")) == [("a.png", b"old bytes")]
+    assert read_output(store, "shards/00001.parquet#a.png") == b"old bytes"
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
@@ -265,11 +277,12 @@ def _worker(tmp_path, checkpoint, fmt, rows=12):
     return RenderWorker(cfg, "r", "w00.0"), shards[0]
 
 
-def _fail_on_call(fn, n, error):
-    """`fn`, except that its n-th call raises `error`; the calls made are counted in `.calls`."""
+def _fail_on_call(fn, n, error, every_later=False):
+    """`fn`, except that its n-th call (and, with `every_later`, every later one) raises `error`;
+    the calls made are counted in `.calls`."""
     def wrapped(*args, **kwargs):
         wrapped.calls += 1
-        if wrapped.calls == n:
+        if wrapped.calls == n or (every_later and wrapped.calls > n):
             raise error
         return fn(*args, **kwargs)
 
@@ -291,11 +304,15 @@ def test_a_failed_shard_attempt_leaves_no_local_files(tmp_path, tiny_checkpoint,
         elif stage == "encode":  # in the writer thread, the fifth of twelve images
             fault = _fail_on_call(worker_mod.encode_image, 5, RuntimeError("encoder crashed"))
             patch.setattr(worker_mod, "encode_image", fault)
-        else:  # containers upload in close; files write each image as it is added
-            name = "write" if fmt == "files" else "upload"
-            fault = _fail_on_call(getattr(worker.store, name), 5 if fmt == "files" else 1,
-                                  ConnectionError("store down"))
-            patch.setattr(worker.store, name, fault)
+        elif fmt == "files":  # each image is written as it is added; a few failed rows fail
+            # only themselves (tests/test_worker_throughput.py): a store down from the fifth write
+            # on fails the attempt once more rows than MAX_WRITE_FAILED_ROWS are lost
+            worker.write_backoff_s = 0.0
+            fault = _fail_on_call(worker.store.write, 5, ConnectionError("store down"), every_later=True)
+            patch.setattr(worker.store, "write", fault)
+        else:  # containers upload in close
+            fault = _fail_on_call(worker.store.upload, 1, ConnectionError("store down"))
+            patch.setattr(worker.store, "upload", fault)
         with pytest.raises((RuntimeError, ConnectionError), match="device lost|encoder crashed|store down"):
             worker.render_shard(shard, 1, 0.0)
         assert fault.calls >= fault.n  # the fault did fire

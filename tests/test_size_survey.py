@@ -1,5 +1,7 @@
 """Planning-time size survey: the distinct per-row sizes a run will meet, counted in Arrow from
 two columns, most frequent first, without the default or declared sizes."""
+import os
+
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,3 +62,41 @@ def test_memory_stays_in_arrow_for_many_rows(tmp_path):
     cfg = DatasetConfig(uri=str(tmp_path / "big.parquet"), shard_size=100_000)
     shards, _ = plan_shards(cfg, FS)
     assert survey_sizes(shards, RENDER, FS) == [(64, 64), (96, 64)]
+
+
+def test_worker_compiles_the_surveyed_sizes_it_can_render(tmp_path, tiny_checkpoint, monkeypatch):
+    """Surveyed sizes are warmed at start with the run's own; ones outside the pipeline's limits
+    are skipped (their rows are rejected later), never a failed start."""
+    import cogview_ray.model as model
+    from cogview_ray.config import load_config
+    from cogview_ray.worker import RenderWorker
+
+    real_load = model.load_pipeline
+    warmed = []
+
+    def load_uncompiled(path, **kw):  # compiling on CPU takes minutes: record the warm-ups instead
+        pipe = real_load(path, **{**kw, "compile": "none"})
+        monkeypatch.setattr(pipe, "warmup", lambda h, w, *a, **k: warmed.append((h, w)) or 0.0)
+        return pipe
+
+    monkeypatch.setattr(model, "load_pipeline", load_uncompiled)
+    pq.write_table(pa.table({"prompt": ["p"]}), tmp_path / "p.parquet")
+    cfg = load_config(None, [f"model.path={tiny_checkpoint}", "model.device=cpu", "model.compile=default",
+                             f"dataset.uri={tmp_path}/p.parquet", "render.height=32", "render.width=32",
+                             "render.sizes=[[48, 32]]", f"output.uri={tmp_path}/out"])
+    RenderWorker(cfg, "r", "w00.0", input_sizes=[(64, 48), (50, 64), (48, 32), (4096, 64)])
+    # 50 is not a multiple of the pipeline's 16 px, 4096 is past its limit: both skipped
+    assert warmed == [(32, 32), (48, 32), (64, 48)]
+
+
+def test_driver_surveys_sizes_only_when_compiling(tmp_path):
+    from cogview_ray.config import load_config
+    from cogview_ray.driver import Driver
+
+    pq.write_table(pa.table({"prompt": ["p"] * 4, "height": [64, 64, None, 96]}), tmp_path / "p.parquet")
+    common = ["model.path=unused", f"dataset.uri={tmp_path}/p.parquet", "render.height=32", "render.width=32",
+              f"output.uri={tmp_path}/out"]
+    for compile_mode, expected in (("none", []), ("default", [(64, 32), (96, 32)])):
+        driver = Driver(load_config(None, common + [f"model.compile={compile_mode}"]), out=open(os.devnull, "w"))
+        shards, _, _ = driver.plan()
+        assert driver._input_sizes(shards) == expected
