@@ -3,6 +3,8 @@
     python jobs/benchmark.py model --preset small --height 256 --width 256 --steps 4 --runs 5
     python jobs/benchmark.py model --checkpoint /ckpt/full --device cuda --height 1024 --width 1024 \\
         --steps 4 --scale-steps 50 --compile all --attention all --skip-reference --json-out bench.json
+    python jobs/benchmark.py model --preset small-cogview4 --height 256 --width 256 --steps 4
+    python jobs/benchmark.py flops --preset full-cogview4   # 1024x1024, 50 steps, CFG; no weights
 
 Per variant: s/image p50/p90 over --runs timed batches (each after a warm-up at the timed batch, so
 nothing compiles while timed), per-phase times, peak device memory, compile seconds apart, and on
@@ -72,34 +74,91 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_flops(pipe, height: int, width: int, guidance: float, steps: int) -> float:
-    """FLOPs for one image: transformer forwards (x2 with CFG) x steps + one VAE decode (eager)."""
+PRESET_NAMES = ["tiny", "small", "full", "tiny-cogview4", "small-cogview4", "full-cogview4"]
+
+
+def _op_kind(op) -> str:
+    """Which part of the count an aten op's FLOPs belong to."""
+    name = str(op)
+    if "attention" in name or "bmm" in name:  # SDPA kernels, or its math decomposition
+        return "attention"
+    if "mm" in name:  # addmm / mm: the Linear layers
+        return "linear"
+    return "other"
+
+
+def count_flops(transformer, vae, height: int, width: int, text_lens: list[int], steps: int,
+                dtype: torch.dtype, device) -> dict:
+    """FLOPs for one image, split: transformer linear and attention (one forward per text length
+    in `text_lens`, i.e. two with CFG, times `steps`), and one VAE decode. Works on meta modules."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    f = pipe.vae.downscale_factor
-    c = pipe.transformer.config
-    rows = 2 if guidance > 1 else 1
-    dev, dt = pipe.device, pipe.dtype
-    x = torch.zeros(rows, c.in_channels, height // f, width // f, device=dev, dtype=dt)
-    text = torch.zeros(rows, pipe.max_sequence_length, c.text_embed_dim, device=dev, dtype=dt)
-    t = torch.full((rows,), 999, device=dev, dtype=torch.int64)
-    size = torch.tensor([[height, width]] * rows, device=dev, dtype=dt)
+    f = vae.downscale_factor
+    c = transformer.config
+    x = torch.zeros(1, c.in_channels, height // f, width // f, device=device, dtype=dtype)
+    size = torch.tensor([[height, width]], dtype=dtype).to(device)
+    t = torch.full((1,), 999.0).to(device)
+    split = {"transformer_linear": 0, "transformer_attention": 0, "transformer_other": 0}
     with torch.inference_mode():
+        for length in text_lens:
+            text = torch.zeros(1, length, c.text_embed_dim, device=device, dtype=dtype)
+            with FlopCounterMode(display=False) as fc:
+                transformer(x, text, t, size, size, torch.zeros_like(size))
+            for op, n in fc.get_flop_counts()["Global"].items():
+                split["transformer_" + _op_kind(op)] += n * steps
         with FlopCounterMode(display=False) as fc:
-            pipe.transformer(x, text, t, size, size, torch.zeros_like(size))
-        step_flops = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc:
-            pipe.vae(x[:1])
-        decode_flops = fc.get_total_flops()
-    return step_flops * steps + decode_flops
+            vae(x)
+        split["vae_decode"] = fc.get_total_flops()
+    split["total"] = sum(split.values())
+    return split
+
+
+def pipeline_text_lens(pipe, prompt: str, guidance: float) -> list[int]:
+    """Text tokens per transformer forward of one step: CogView4 pads each text to a multiple of 16
+    (cond, then the empty negative with CFG); CogView3-Plus pads both to its token limit."""
+    if pipe.identity["family"] == "CogView4Pipeline":
+        texts = [prompt, ""] if guidance > 1 else [prompt]
+        return [pipe.text_encoder.tokenize(p, pipe.max_sequence_length)[0].shape[1] for p in texts]
+    return [pipe.max_sequence_length] * (2 if guidance > 1 else 1)
+
+
+def preset_flops(preset: str, height: int, width: int, steps: int, guidance: float, text_tokens: int,
+                 negative_tokens: int) -> dict:
+    """`count_flops` for a preset's modules built on the meta device: the full-size count without
+    weights or memory. Text lengths are given (a real prompt's tokens are the real tokenizer's)."""
+    from cogview_ray.model.checkpoint import PRESETS
+    from cogview_ray.model.vae import VAEConfig, VAEDecoder
+
+    if preset.endswith("cogview4"):
+        from cogview_ray.model.cogview4.checkpoint import PRESETS as CV4_PRESETS
+        from cogview_ray.model.cogview4.transformer import CogView4Transformer as T, TransformerConfig as TC
+        spec = CV4_PRESETS[preset]
+        text_lens = [text_tokens, negative_tokens]
+    else:
+        from cogview_ray.model.cogview3plus.transformer import CogView3PlusTransformer as T, TransformerConfig as TC
+        spec = PRESETS[preset]
+        text_lens = [224, 224]  # T5 ids are always padded to the limit; the negative is a zero embedding
+    with torch.device("meta"):
+        transformer = T(TC.from_dict(spec.transformer)).to(spec.dtype)
+        vae = VAEDecoder(VAEConfig.from_dict(spec.vae)).to(spec.dtype)
+    lens = text_lens if guidance > 1 else text_lens[:1]
+    out = count_flops(transformer, vae, height, width, lens, steps, spec.dtype, "meta")
+    return {"preset": preset, "height": height, "width": width, "steps": steps, "guidance": guidance,
+            "text_lens": lens, "flops": out}
+
+
+# --clock cpu: process CPU seconds (all threads), for a shared CPU machine where wall time
+# measures the neighbours; the pipelines' own phase timings stay wall-clock
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
 
 
 def _timed(device, fn) -> float:
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return _clock() - t0
 
 
 def _scale(phases: dict, steps: int, scale_steps: Optional[int]) -> float:
@@ -166,13 +225,14 @@ def _as_list(value: str, choices: tuple[str, ...], all_: list[str]) -> list[str]
 
 
 def bench_model(args) -> dict:
-    from cogview_ray.model.cogview3plus import CogView3PlusPipeline
-
     device = resolve_device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     ckpt = args.checkpoint
-    if ckpt is None:
+    if args.random_init:
+        ckpt = f"random:{args.random_init}"
+        args.skip_reference = True  # no checkpoint holds these weights
+    elif ckpt is None:
         ckpt = str(Path(tempfile.mkdtemp()) / args.preset)
         make_checkpoint(args.preset, ckpt)
     attentions_all = ["auto", "flash", "cudnn", "efficient", "math"] + (["fa3"] if fa3_available() else [])
@@ -183,22 +243,32 @@ def bench_model(args) -> dict:
     results = {"checkpoint": ckpt, "device": str(device), "device_name": device_name, "dtype": dtype_name,
                "height": args.height, "width": args.width, "steps": args.steps, "scale_steps": args.scale_steps,
                "guidance": args.guidance, "batch": args.batch, "runs": args.runs, "torch": torch.__version__,
-               "rows": []}
+               "clock": args.clock, "threads": torch.get_num_threads(), "rows": []}
     prompts = [f"benchmark prompt {i}: a harbour at dusk, oil painting" for i in range(args.batch)]
     t0 = time.perf_counter()
-    base = load_pipeline(ckpt, device=device, dtype=dtype_name)
+    if args.random_init:
+        from cogview_ray.model.cogview4.checkpoint import random_pipeline
+
+        base = random_pipeline(args.random_init, device, dtype)
+    else:
+        base = load_pipeline(ckpt, device=device, dtype=dtype_name)
     results["load_s"] = time.perf_counter() - t0
     steps_for_flops = args.scale_steps or args.steps
-    flops = count_flops(base, args.height, args.width, args.guidance, steps_for_flops)
-    results["flops_per_image"] = flops
+    text_lens = pipeline_text_lens(base, prompts[0], args.guidance)
+    with torch.device("meta"):  # counted on meta copies: the same count whatever the device's SDPA kernel
+        meta = (type(base.transformer)(base.transformer.config).to(base.dtype),
+                type(base.vae)(base.vae.config).to(base.dtype))
+    split = count_flops(*meta, args.height, args.width, text_lens, steps_for_flops, base.dtype, "meta")
+    flops = split["total"]
+    results.update(flops_per_image=flops, flops_split=split, text_lens=text_lens, family=base.identity["family"])
     peak = args.peak_tflops or peak_tflops(device_name, dtype)
     results["peak_tflops"] = peak
     for mode, attention in plan_variants(compiles, attentions):
         torch._dynamo.reset()  # each compile mode compiles from scratch, inside its own warm-up
         row = {"variant": f"ours[{mode},{attention}]", "compile": mode, "attention": attention}
         try:
-            pipe = CogView3PlusPipeline(base.transformer, base.vae, base.text_encoder, base.scheduler_config,
-                                        base.device, base.dtype, ckpt, compile=mode, attention=attention)
+            pipe = type(base)(base.transformer, base.vae, base.text_encoder, base.scheduler_config,
+                              base.device, base.dtype, ckpt, compile=mode, attention=attention)
             row["attention_used"] = pipe.identity["attention"]
             row.update(bench_ours(pipe, args, prompts))
             del pipe
@@ -235,11 +305,16 @@ def _write(results: dict, path: Optional[str]) -> None:
         Path(path).write_text(json.dumps(results, indent=2))
 
 
+def _split_line(split: dict) -> str:
+    return ", ".join(f"{k} {v / 1e12:.4g}" for k, v in split.items() if k != "total")
+
+
 def print_results(r: dict) -> None:
     print(f"checkpoint {r['checkpoint']} | {r['device_name']} {r['dtype']} | {r['height']}x{r['width']} | "
-          f"{r['steps']} steps | guidance {r['guidance']} | batch {r['batch']} | {r['runs']} runs")
-    print(f"model FLOPs per image ({r['scale_steps'] or r['steps']} steps): {r['flops_per_image'] / 1e12:.3f} TFLOP"
-          f" | load {r['load_s']:.1f} s")
+          f"{r['steps']} steps | guidance {r['guidance']} | batch {r['batch']} | {r['runs']} runs | "
+          f"{r['clock']} clock, {r['threads']} threads")
+    print(f"{r['family']} model FLOPs per image ({r['scale_steps'] or r['steps']} steps, text {r['text_lens']}): "
+          f"{r['flops_per_image'] / 1e12:.4g} TFLOP ({_split_line(r['flops_split'])}) | load {r['load_s']:.1f} s")
     for row in r["rows"]:
         if "error" in row:
             print(f"  {row['variant']:<40} error: {row['error']}")
@@ -258,13 +333,22 @@ def print_results(r: dict) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["--mode", "e2e"] or argv[:1] in (["--mode=e2e"], ["e2e"]):  # a worker through real shards
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_e2e import main as e2e_main
+
+        return e2e_main(argv[2:] if argv[0] == "--mode" else argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("model", help="our generate() against the diffusers pipeline")
     src = m.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="a checkpoint folder in the official layout")
-    src.add_argument("--preset", default="small", choices=["tiny", "small", "full"],
+    src.add_argument("--preset", default="small", choices=PRESET_NAMES,
                      help="write a random-weight checkpoint of this preset to a temp dir (default small)")
+    src.add_argument("--random-init", choices=["tiny-cogview4", "small-cogview4", "full-cogview4"],
+                     help="build this CogView4 preset on the device with random init, nothing written (GPU "
+                          "check: no 31 GB checkpoint); implies --skip-reference")
     m.add_argument("--device", default="auto")
     m.add_argument("--dtype", choices=["float32", "bfloat16"])
     m.add_argument("--height", type=int, default=256)
@@ -280,9 +364,30 @@ def main(argv=None) -> int:
     m.add_argument("--skip-reference", action="store_true", help="time only our pipeline")
     m.add_argument("--peak-tflops", type=float, help="device peak for MFU when not in the built-in table")
     m.add_argument("--json-out", help="also write the results as JSON here (after every variant)")
+    m.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall seconds, or process CPU seconds (CPU only; a shared machine)")
+    m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    fl = sub.add_parser("flops", help="FLOPs per image of a preset's modules, built on the meta device")
+    fl.add_argument("--preset", default="full-cogview4", choices=PRESET_NAMES)
+    fl.add_argument("--height", type=int, default=1024)
+    fl.add_argument("--width", type=int, default=1024)
+    fl.add_argument("--steps", type=int, default=50)
+    fl.add_argument("--guidance", type=float, default=5.0)
+    fl.add_argument("--text-tokens", type=int, default=128, help="CogView4 prompt tokens (a multiple of 16)")
+    fl.add_argument("--negative-tokens", type=int, default=16, help="CogView4 negative tokens (\"\" pads to 16)")
     args = p.parse_args(argv)
+    if args.what == "flops":
+        r = preset_flops(args.preset, args.height, args.width, args.steps, args.guidance, args.text_tokens,
+                         args.negative_tokens)
+        print(f"{r['preset']} {r['height']}x{r['width']} {r['steps']} steps guidance {r['guidance']} "
+              f"text {r['text_lens']}: {r['flops']['total'] / 1e15:.3f} PFLOP ({_split_line(r['flops'])} TFLOP)")
+        return 0
     if args.runs < 1 or args.batch < 1 or args.steps < 1:
         p.error("--runs, --batch and --steps must be at least 1")
+    global _clock
+    _clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = bench_model(args)
     print_results(results)
     _write(results, args.json_out)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a single H100/H200 with torch, transformers and safetensors (diffusers
 # and pytest used when present): writes a full-size random-weight checkpoint, runs the GPU tests,
-# then benchmarks every compile mode and attention backend at 1024x1024 (few steps, scaled to 50)
-# and writes one JSON (s/image, MFU, peak memory, compile seconds) within a time budget.
+# then benchmarks every compile mode and attention backend at 1024x1024 (few steps, scaled to 50),
+# then CogView4 at its full size (random init on the GPU, nothing written; eager and compiled), and
+# writes one JSON (s/image, MFU, FLOPs split, peak memory, compile seconds) within a time budget.
 #
 #   bash jobs/gpu_check.sh [--dry-run] [--out DIR] [--budget-s 480] [--ckpt DIR]
 #
@@ -17,6 +18,8 @@ CKPT="${CKPT:-/tmp/cogview-ray-full}"
 PY="${PYTHON:-python}"
 TESTS_MAX_S=150   # the GPU tests' share; the rest goes to the benchmark
 STEPS=4           # timed denoising steps per image, reported scaled to 50
+CV4_MAX_S=150     # CogView4's share, kept back from the CogView3-Plus benchmark
+CV4_STEPS=2       # CogView4 timed steps (two forwards each with guidance), scaled to 50
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
@@ -54,6 +57,9 @@ run() {
   tail -n 5 "$OUT_DIR/$name.log" >&2
 }
 
+# reserve S: seconds left minus S (at least 1, which `run` skips): a step that leaves S to later ones
+reserve() { local r=$(( $(left) - $1 )); [ "$r" -lt 1 ] && r=1; echo "$r"; }
+
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT_DIR"
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
@@ -82,12 +88,18 @@ fi
 
 # 3. the benchmark: attention backends eager, then each compile mode (cheapest first)
 REF_FLAG="--skip-reference"
-run benchmark 0 "$PY" jobs/benchmark.py model --checkpoint "$CKPT" --device cuda --dtype bfloat16 \
+run benchmark "$(reserve "$CV4_MAX_S")" "$PY" jobs/benchmark.py model --checkpoint "$CKPT" --device cuda --dtype bfloat16 \
   --height 1024 --width 1024 --steps "$STEPS" --scale-steps 50 --runs 5 --batch 1 \
   --compile none,default,max-autotune-no-cudagraphs,max-autotune --attention all $REF_FLAG \
   --json-out "$OUT_DIR/benchmark.json"
 
-# 4. the diffusers reference, eager, when installed and time is left
+# 4. CogView4-6B's sizes (built on the GPU with random init: its 31 GB checkpoint would take
+#    minutes to write), eager then compiled; no reference (no checkpoint holds these weights)
+run benchmark_cogview4 "$CV4_MAX_S" "$PY" jobs/benchmark.py model --random-init full-cogview4 --device cuda \
+  --dtype bfloat16 --height 1024 --width 1024 --steps "$CV4_STEPS" --scale-steps 50 --runs 3 --batch 1 \
+  --compile none,default --attention auto --json-out "$OUT_DIR/benchmark_cogview4.json"
+
+# 5. the diffusers reference, eager, when installed and time is left
 if [ "$DRY_RUN" = 1 ] || have diffusers; then
   run reference 0 "$PY" jobs/benchmark.py model --checkpoint "$CKPT" --device cuda --dtype bfloat16 \
     --height 1024 --width 1024 --steps "$STEPS" --scale-steps 50 --runs 5 --batch 1 \
@@ -106,15 +118,16 @@ from pathlib import Path
 
 out, steps, total = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 summary = {"steps": steps, "total_s": total}
-for name in ("benchmark", "reference"):
+for name in ("benchmark", "benchmark_cogview4", "reference"):
     p = out / f"{name}.json"
     if p.exists():
         summary[name] = json.loads(p.read_text())
-rows = summary.get("benchmark", {}).get("rows", []) + summary.get("reference", {}).get("rows", [])
 summary["table"] = [
-    {k: r.get(k) for k in ("variant", "attention_used", "s_per_image_scaled", "s_per_image_p50",
-                           "s_per_image_p90", "mfu", "peak_memory_gib", "compile_s", "error")}
-    for r in rows]
+    {"family": summary[name].get("family"),
+     **{k: r.get(k) for k in ("variant", "attention_used", "s_per_image_scaled", "s_per_image_p50",
+                              "s_per_image_p90", "mfu", "peak_memory_gib", "compile_s", "error")}}
+    for name in ("benchmark", "benchmark_cogview4", "reference") if name in summary
+    for r in summary[name].get("rows", [])]
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 for r in summary["table"]:
     print(json.dumps(r))

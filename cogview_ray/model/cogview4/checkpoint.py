@@ -157,3 +157,37 @@ def write_tokenizer(folder: Path) -> None:
         "padding_side": "left",
         "tokenizer_class": "PreTrainedTokenizerFast",
     })
+
+
+def random_pipeline(preset: str, device, dtype: torch.dtype, compile: str = "none", attention: str = "auto"):
+    """A CogView4Pipeline of `preset`'s sizes built on `device` with its modules' own random init,
+    nothing written or read (the GPU benchmark: 31 GB of full-size weights would take minutes to
+    write). Speed only: the images mean nothing and no reference has these weights."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ..vae import VAEConfig, VAEDecoder
+    from .pipeline import CogView4Pipeline
+    from .scheduler import SchedulerConfig
+    from .text_encoder import GlmTextEncoder
+
+    spec = PRESETS[preset]
+    device = torch.device(device)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are made in `dtype`: no float32 copy of 15B weights
+    try:
+        with torch.device(device):
+            transformer = CogView4Transformer(TransformerConfig.from_dict(spec.transformer))
+            vae = VAEDecoder(VAEConfig.from_dict(spec.vae))
+            glm = GlmModel(GlmConfig(**spec.text_encoder))
+    finally:
+        torch.set_default_dtype(default)
+    for m in (transformer, vae, glm):
+        m.eval().requires_grad_(False)
+    asset = resources.files("cogview_ray") / "assets" / "glm_tokenizer" / "tokenizer.json"
+    with resources.as_file(asset) as src:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(src), eos_token=EOS, pad_token=EOS,
+                                            padding_side="left", model_max_length=GLM_MODEL_MAX_LENGTH)
+    text_encoder = GlmTextEncoder(tokenizer, glm, device, dtype)
+    scheduler = SchedulerConfig.from_dict(SCHEDULER_CONFIG)
+    return CogView4Pipeline(transformer, vae, text_encoder, scheduler, device, dtype, f"random:{preset}", compile,
+                            attention)

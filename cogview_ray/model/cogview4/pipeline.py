@@ -17,9 +17,10 @@ from ..attention import resolve_attention
 from ..compiled import CompiledModule, compile_module
 from ..family import GenerateResult
 from ..vae import VAEConfig, VAEDecoder
+from .dynamic_text import compile_transformer
 from .sampling import decode, denoise, encode_prompts, get_noise, negative_prompts
 from .scheduler import SchedulerConfig
-from .text_encoder import GlmTextEncoder
+from .text_encoder import PAD_MULTIPLE, GlmTextEncoder
 from .transformer import CogView4Transformer, TransformerConfig
 
 # the reference pipeline's default token limit (GLM's tokenizer itself declares 128k)
@@ -27,6 +28,9 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 1024
 # CogView4 was trained at sides that are multiples of 32 px (two latent patches); the
 # reference only checks 16, but other sides are outside what the model card supports
 PATCHES_PER_SIZE_STEP = 2
+# the compiled kernels' generation (runtime identity; eager rendering has none): 2, the dynamic
+# text length (dynamic_text.py)
+COMPILED_KERNELS = 2
 
 
 def _sync(device: torch.device) -> None:
@@ -52,12 +56,16 @@ class CogView4Pipeline:
                                       native_tokens + 128)
         transformer.set_attention(attention)
         # `compiler(module, mode)` stands in for torch.compile (a test fakes it)
-        self._denoise = compile_module(transformer, compile, compiler)
+        self._denoise = compile_transformer(transformer, compile, compiler)  # dynamic text length
         self._decode = compile_module(vae, compile, compiler)
         # everything here changes output bytes: the worker reports it as the run's runtime identity
         self.identity = {"family": self.class_name, "path": str(path),
                          "config_hash": loading.config_hash(path) if path else "", "compile": compile,
                          "attention": attention, "dtype": str(dtype).removeprefix("torch.")}
+        if compile != "none":
+            # compiled bytes changed when the text length became dynamic (one graph for every
+            # length, where unwarmed lengths used to run eagerly): a resume never mixes the two
+            self.identity["kernels"] = COMPILED_KERNELS
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device=None, dtype=None, compile: str = "none",
@@ -152,12 +160,32 @@ class CogView4Pipeline:
 
     def warmup(self, height: int, width: int, batch_size: int = 1, num_inference_steps: int = 2,
                guidance_scale: float = 5.0, max_sequence_length: Optional[int] = None) -> float:
-        """Run one small generation (compiles when compiling); returns seconds spent."""
+        """Compile for one image size (when compiling); returns seconds spent.
+
+        The transformer compiles first at the longest text length this limit allows (the size hint
+        the compiler tunes its dynamic-length kernels for, the same on every worker), then a small
+        generation runs a 16-token prompt through the same graph and compiles the VAE decode: a
+        length that needed a recompile would do so here, never mid-shard (none does).
+        """
         t0 = time.perf_counter()
+        if isinstance(self._denoise, CompiledModule):
+            max_len = self.max_sequence_length if max_sequence_length is None else max_sequence_length
+            self._run_transformer(height, width, -(-max_len // PAD_MULTIPLE) * PAD_MULTIPLE)
         self.generate(["warm-up"] * batch_size, list(range(batch_size)), height, width,
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       max_sequence_length=max_sequence_length)
+        _sync(self.device)
         return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def _run_transformer(self, height: int, width: int, text_len: int) -> torch.Tensor:
+        """One compiled transformer call on zeros with `text_len` text tokens, dtypes as in `denoise`."""
+        cfg, dev, dt = self.transformer.config, self.device, self.dtype
+        x = torch.zeros(1, *self.latent_shape(height, width), device=dev, dtype=dt)
+        text = torch.zeros(1, text_len, cfg.text_embed_dim, device=dev, dtype=dt)
+        sizes = torch.tensor([[height, width]], dtype=dt, device=dev)
+        t = torch.full((1,), float(self.scheduler_config.num_train_timesteps), device=dev)
+        return self._denoise(x, text, t, sizes, sizes, torch.zeros_like(sizes))
 
     def seal_compiled(self) -> None:
         """After the warm-ups: shapes not compiled by now run eagerly instead of compiling mid-shard."""

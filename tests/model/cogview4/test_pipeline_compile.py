@@ -1,6 +1,7 @@
-"""CogView4 under torch.compile(fullgraph=True): no graph breaks, one graph per (size, text length)
-with text lengths in steps of 16, and the compiled images equal eager ones. Dynamo's "eager"
-backend keeps it fast on CPU; tracing (where graph breaks show) is the same as inductor's."""
+"""CogView4 under torch.compile(fullgraph=True): no graph breaks, one transformer graph per image
+size serving every 16-token text length (dynamic), nothing recompiles after the warm-up, and the
+compiled images equal eager ones. Dynamo's "eager" backend keeps it fast on CPU; tracing (where
+graph breaks and recompiles show) is the same as inductor's."""
 import pytest
 import torch
 
@@ -9,30 +10,64 @@ from cogview_ray.model.cogview4 import CogView4Pipeline
 
 pytestmark = pytest.mark.timeout(600)
 
+# 1..200 repeats: token counts over many 16-token buckets, the last one past the 1024 limit
+PROMPTS = [" ".join(["red fox"] * k) for k in (1, 2, 6, 11, 40, 90, 200, 700)]
+
 
 def eager_backend_compiler(module, mode):
     return torch.compile(module, fullgraph=True, dynamic=False, backend="eager")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_checkpoint("tiny-cogview4", tmp_path_factory.mktemp("cv4c") / "tiny")
+def pipes(tmp_path_factory):
+    tiny = make_checkpoint("tiny-cogview4", tmp_path_factory.mktemp("cv4c") / "tiny")
+    eager = CogView4Pipeline.from_pretrained(tiny, device="cpu", dtype="float32")
+    return eager, tiny
 
 
-def test_compiled_graphs_are_bounded_by_text_length_buckets(tiny):
+def _compiled(eager, tiny):
+    return CogView4Pipeline(eager.transformer, eager.vae, eager.text_encoder, eager.scheduler_config,
+                            eager.device, eager.dtype, str(tiny), "default", "flash", eager_backend_compiler)
+
+
+def test_text_lengths_of_every_bucket_reuse_the_warmed_graph(pipes):
     from torch._dynamo.utils import counters
 
+    eager, tiny = pipes
     torch._dynamo.reset()
     counters.clear()
-    eager = CogView4Pipeline.from_pretrained(tiny, device="cpu", dtype="float32")
-    compiled = CogView4Pipeline(eager.transformer, eager.vae, eager.text_encoder, eager.scheduler_config,
-                                eager.device, eager.dtype, str(tiny), "default", "flash", eager_backend_compiler)
-    # prompts of 1..40 repeats: token counts spread over several 16-token buckets
-    prompts = [" ".join(["red fox"] * k) for k in (1, 2, 6, 11, 40)]
-    lengths = {compiled.text_encoder.tokenize(p, 1024)[0].shape[1] for p in prompts + [""]}
-    got = compiled.generate(prompts, list(range(len(prompts))), 64, 96, num_inference_steps=1)
-    # transformer: one graph per text length (the empty negative included); VAE: one
-    assert counters["stats"]["unique_graphs"] == len(lengths) + 1
-    assert compiled._denoise.eager_calls == 0 and len(lengths) > 3
-    want = eager.generate(prompts, list(range(len(prompts))), 64, 96, num_inference_steps=1)
+    compiled = _compiled(eager, tiny)
+    assert compiled.identity["kernels"] == 2 and "kernels" not in eager.identity  # runtime identity
+    compiled.warmup(64, 96, num_inference_steps=1)
+    compiled.seal_compiled()
+    # transformer (one graph, any text length) and VAE decoder, one whole graph each
+    assert counters["stats"]["unique_graphs"] == 2
+    lengths = {compiled.text_encoder.tokenize(p, 1024)[0].shape[1] for p in PROMPTS + [""]}
+    assert len(lengths) >= 7 and max(lengths) == 1024
+    kw = dict(num_inference_steps=1, guidance_scale=5.0)
+    # a recompile from here on would fail loudly (fullgraph) rather than fall back to eager
+    with torch._dynamo.config.patch(recompile_limit=1):
+        got = compiled.generate(PROMPTS, list(range(len(PROMPTS))), 64, 96, **kw)
+        short = compiled.generate(PROMPTS[-2:], [3, 4], 64, 96, max_sequence_length=48, **kw)  # truncated
+    assert counters["stats"]["unique_graphs"] == 2 and compiled._denoise.eager_calls == 0
+    assert got.truncated[-1] and short.truncated == [True, True]
+    want = eager.generate(PROMPTS, list(range(len(PROMPTS))), 64, 96, **kw)
     assert torch.equal(got.images, want.images)
+
+
+def test_graphs_grow_with_sizes_only_and_unwarmed_sizes_run_eagerly(pipes):
+    from torch._dynamo.utils import counters
+
+    eager, tiny = pipes
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _compiled(eager, tiny)
+    for h, w in ((64, 64), (96, 64)):
+        compiled.warmup(h, w, num_inference_steps=1, max_sequence_length=64)
+    compiled.seal_compiled()
+    assert counters["stats"]["unique_graphs"] == 4  # a transformer and a VAE graph per size
+    compiled.generate(PROMPTS[:3], [1, 2, 3], 96, 64, num_inference_steps=1)
+    assert compiled._denoise.eager_calls == 0
+    got = compiled.generate(PROMPTS[:2], [1, 2], 64, 96, num_inference_steps=1)  # not warmed
+    assert compiled._denoise.eager_calls == 2 * 2 and counters["stats"]["unique_graphs"] == 4
+    assert torch.equal(got.images, eager.generate(PROMPTS[:2], [1, 2], 64, 96, num_inference_steps=1).images)
