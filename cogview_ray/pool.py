@@ -331,5 +331,6 @@ def error_cause(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     for ln in reversed(lines):
         if ":" in ln and not ln.startswith(("File ", "Traceback", "ray::", "The actor")):
-            return ln[:300]
+            # `pkg.module.SomeError: msg` -> `SomeError: msg`, as when Ray hands the cause over
+            return re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=[A-Za-z_]\w*: )", "", ln)[:300]
     return first_line(e)

@@ -128,7 +128,7 @@ def test_pipeline_that_cannot_load_fails_fast(ray_cluster, tiny_checkpoint, tmp_
     if case == "missing_path":
         model, expected = str(tmp_path / "no-such-checkpoint"), "has no model_index.json"
     else:
-        model, expected = _corrupt_checkpoint(tiny_checkpoint, tmp_path / "ckpt"), "SafetensorError"
+        model, expected = _corrupt_checkpoint(tiny_checkpoint, tmp_path / "ckpt"), "CheckpointError: "
     trace = set_faults(monkeypatch, tmp_path)
     args = overrides(model, data, tmp_path / "out", "noload", "workers.num_workers=1")
     config = tmp_path / "cfg.yaml"
@@ -142,6 +142,9 @@ def test_pipeline_that_cannot_load_fails_fast(ray_cluster, tiny_checkpoint, tmp_
     message = [ln for ln in err.splitlines() if ln.startswith("cogview-ray: error:")]
     assert len(message) == 1 and "Traceback" not in err
     assert "could not start" in message[0] and expected in message[0] and model in message[0]
+    if case == "corrupt_weights":  # the file is named, and the error's type without its module path
+        assert "diffusion_pytorch_model.safetensors is not a safetensors file" in message[0]
+        assert "cogview_ray.model" not in message[0]
     # failed fast: the worker started once, was not restarted or replaced, never got ready
     events = read_trace(trace)
     assert [e["worker_id"] for e in events if e["event"] == "init"] == ["w00.0"]
