@@ -18,6 +18,11 @@ KEY_SCHEME = 2
 # The layout of `parquet` output containers. 2: `image` is a struct {bytes, path} with Hugging Face
 # `Image` feature metadata (1 was plain binary): a run may not mix the two, or `datasets` refuses it.
 PARQUET_SCHEME = 2
+# How the pipelines compute pixels, where a release changes bytes for the same settings. 2: fused
+# q/k/v GEMMs, oneDNN linears and channels-last VAE convolutions (float32 on CPU rounds
+# differently from 1). Recorded from 2 on, so a run rendered by the old kernels is not resumed by
+# the new ones (its explicit run id is refused, its default one differs).
+RENDER_SCHEME = 2
 # Runs made before the scheme was recorded used scheme 1, and their identity has no seed_scheme:
 # scheme 1 is recorded by its absence, so their `_run.json` and default run ids stay valid.
 _UNRECORDED_SEED_SCHEME = 1
@@ -31,6 +36,7 @@ def output_defining(cfg: RunConfig) -> dict:
     if SEED_SCHEME != _UNRECORDED_SEED_SCHEME:
         settings["render"]["seed_scheme"] = SEED_SCHEME
     settings["output"]["key_scheme"] = KEY_SCHEME
+    settings["model"]["render_scheme"] = RENDER_SCHEME
     if cfg.output.format == "parquet":
         settings["output"]["parquet_scheme"] = PARQUET_SCHEME
     return settings

@@ -251,7 +251,7 @@ def test_sizes_need_only_be_positive_integers():
 def test_output_identity_of_existing_settings_is_unchanged():
     settings = output_defining(_load())
     assert settings == {
-        "model": {"path": "ckpt/tiny", "dtype": "auto"},
+        "model": {"path": "ckpt/tiny", "dtype": "auto", "render_scheme": 2},
         "dataset": {"uri": "data/prompts.parquet", "prompt_column": "prompt", "id_column": None,
                     "shard_size": 1000, "limit": None},
         "render": {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 5.0,
@@ -260,9 +260,9 @@ def test_output_identity_of_existing_settings_is_unchanged():
     }
     # what driver.default_run_id hashes (it changed with the prompt limit, key scheme 2 and the
     # max_sequence_length default None: the driver cannot tell "224 for CogView3-Plus" from
-    # "224 for CogView4", so None is recorded as itself)
+    # "224 for CogView4", so None is recorded as itself; and render scheme 2, the new kernels)
     blob = json.dumps({"settings": settings, "input": {"files": []}}, sort_keys=True)
-    assert hashlib.sha256(blob.encode()).hexdigest()[:12] == "b77c6f999e57"
+    assert hashlib.sha256(blob.encode()).hexdigest()[:12] == "ee441d638791"
 
 
 def test_a_new_setting_defines_the_output_unless_marked():
