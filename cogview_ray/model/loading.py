@@ -2,18 +2,20 @@
 and the device and dtype rules every model family loads with.
 
 Modules are built on the meta device and take the loaded tensors with `assign=True`, so a
-component costs one copy of its weights in memory. Pickle weights are never opened.
+component costs one copy of its weights in memory; weights are read one tensor at a time and go
+straight to the device. Pickle weights are never opened.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, Iterable, Optional, Union
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
@@ -137,44 +139,133 @@ def _weight_files(folder: Path) -> list[Path]:
     return [_pick(singles, ".safetensors", folder)]
 
 
-def load_safetensors_state(folder: str | Path, drop_prefixes: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Read a component's weights (single file or index-sharded) to CPU tensors in their disk dtype.
+# safetensors header dtype names (https://github.com/huggingface/safetensors, format section)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class SafetensorsState(Mapping):
+    """A component's weights as a lazy mapping: keys, shapes and dtypes come from the file headers;
+    a tensor is read from disk when it is taken, straight into its own buffer.
+
+    No file is memory-mapped, so the process holds only the tensors taken so far (a mapped file's
+    touched pages would count once more against host memory while the tensors are copied out).
+    """
+
+    def __init__(self, folder: str | Path, drop_prefixes: Iterable[str] = ()):
+        folder = Path(folder)
+        check_weights_format(folder)
+        drop = tuple(drop_prefixes)
+        # key -> (file, dtype, shape, absolute byte offset, byte count)
+        self._entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for path in _weight_files(folder):
+            for key, entry in _read_header(path).items():
+                if drop and key.startswith(drop):
+                    continue
+                if key in self._entries:
+                    raise CheckpointError(f"Weight '{key}' appears in more than one file of {folder}.")
+                self._entries[key] = entry
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path, dtype, shape, offset, nbytes = self._entries[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            view, done = memoryview(buf.numpy()), 0
+            while done < nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{path} ends inside weight '{key}' (truncated file).")
+                done += n
+        return buf.view(dtype).reshape(shape)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][2]
+
+    def pop(self, key: str) -> torch.Tensor:
+        tensor = self[key]
+        del self._entries[key]
+        return tensor
+
+    def discard(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+
+def _read_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{path} is not a safetensors file (bad header length).")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON).") from None
+    entries = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            begin, end = (int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path} has an unreadable or unsupported entry for weight '{key}'.") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0 or 8 + n + end > size:
+            raise CheckpointError(f"{path}: weight '{key}' has byte range {begin}..{end}, which does not fit "
+                                  f"its shape {list(shape)} and {meta['dtype']} or the file.")
+        entries[key] = (path, dtype, shape, 8 + n + begin, nbytes)
+    return entries
+
+
+def open_safetensors_state(folder: str | Path, drop_prefixes: Iterable[str] = ()) -> SafetensorsState:
+    """A component's weights (single file or index-sharded) as a lazy `SafetensorsState`.
 
     Keys starting with any of `drop_prefixes` are never read (e.g. the VAE encoder).
     """
-    folder = Path(folder)
-    check_weights_format(folder)
-    drop = tuple(drop_prefixes)
-    state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(folder):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if drop and key.startswith(drop):
-                    continue
-                if key in state:
-                    raise CheckpointError(f"Weight '{key}' appears in more than one file of {folder}.")
-                state[key] = f.get_tensor(key)
-    return state
+    return SafetensorsState(folder, drop_prefixes)
+
+
+def load_safetensors_state(folder: str | Path, drop_prefixes: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Read a component's weights (single file or index-sharded) to CPU tensors in their disk dtype."""
+    return dict(open_safetensors_state(folder, drop_prefixes).items())
 
 
 def build_and_load(
     module_factory: Callable[[], nn.Module],
-    state: dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
     device: str | torch.device,
     dtype: torch.dtype,
     name: str,
+    tied: Optional[dict[str, str]] = None,
 ) -> nn.Module:
     """Build `module_factory()` on the meta device and move `state` into it (strict, by assignment).
 
-    Floating-point tensors are cast to `dtype` and moved to `device` one at a time; `state` is
-    emptied as it goes, so peak memory stays near one copy of the weights. Non-persistent buffers
-    are recomputed by the module's `init_buffers(device)`. Returns the module in eval mode with
+    Floating-point tensors are read (from a lazy `SafetensorsState`), cast to `dtype` and moved to
+    `device` one at a time, and `state` is emptied as it goes: host memory holds about one tensor
+    beyond what is already on `device`, so on the CPU the peak stays near one copy of the weights.
+    `tied` maps a key to the key whose tensor it shares (T5's `encoder.embed_tokens.weight` ->
+    `shared.weight`): it is not read, even where the checkpoint stores it. Non-persistent buffers are
+    recomputed by the module's `init_buffers(device)`. Returns the module in eval mode with
     gradients off.
     """
+    tied = dict(tied or {})
     with torch.device("meta"):
         module = module_factory()
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and k not in tied]
     unexpected = sorted(k for k in state if k not in expected)
     if missing or unexpected:
         parts = []
@@ -183,18 +274,26 @@ def build_and_load(
         if unexpected:
             parts.append(f"unexpected weight(s) {_few(unexpected)}")
         raise CheckpointError(f"The {name} checkpoint does not match the model: {'; '.join(parts)}.")
+    shape_of = state.shape if isinstance(state, SafetensorsState) else (lambda k: tuple(state[k].shape))
     for key, want in expected.items():
-        got = state[key]
-        if tuple(got.shape) != tuple(want.shape):
+        if key in tied:
+            continue
+        got = shape_of(key)
+        if tuple(got) != tuple(want.shape):
             raise CheckpointError(
-                f"The {name} weight '{key}' has shape {list(got.shape)} in the checkpoint, "
+                f"The {name} weight '{key}' has shape {list(got)} in the checkpoint, "
                 f"but the model expects {list(want.shape)}."
             )
+    for key in tied:
+        if key in state:
+            state.discard(key) if isinstance(state, SafetensorsState) else state.pop(key)
     loaded = {}
     for key in list(state):
         tensor = state.pop(key)
         loaded[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         del tensor
+    for key, source in tied.items():
+        loaded[key] = loaded[source]
     module.load_state_dict(loaded, strict=True, assign=True)
     del loaded
     if hasattr(module, "init_buffers"):

@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import T5EncoderModel, T5Tokenizer
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from cogview_ray.model.loading import CheckpointError, check_weights_format
+from cogview_ray.model.loading import CheckpointError, build_and_load, check_weights_format, open_safetensors_state
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 NO_LIMIT = 1_000_000_000
+# the encoder's token embedding is the model's `shared` table (stored once, held once)
+T5_TIED = {"encoder.embed_tokens.weight": "shared.weight"}
 
 
 class TextEncoder:
@@ -39,12 +41,11 @@ class TextEncoder:
             raise CheckpointError(f"Tokenizer folder {tokenizer_dir} has neither spiece.model nor tokenizer.json.")
         check_weights_format(text_encoder_dir)
         tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        # Loads on CPU (a device_map would need `accelerate`), then moves; from_pretrained builds on
-        # meta and casts per tensor, so host memory peaks near one copy in `dtype`.
-        model = T5EncoderModel.from_pretrained(
-            str(text_encoder_dir), dtype=dtype, use_safetensors=True, local_files_only=True
-        )
-        model = model.to(device).eval().requires_grad_(False)
+        config = T5Config.from_pretrained(str(text_encoder_dir), local_files_only=True)
+        # Built on the meta device and loaded tensor by tensor straight to `device` in `dtype`, as
+        # every component is: host memory never holds the whole encoder on the way to a GPU.
+        model = build_and_load(lambda: T5EncoderModel(config), open_safetensors_state(text_encoder_dir),
+                               device, dtype, "text_encoder", tied=T5_TIED)
         vocab = model.config.vocab_size
         if len(tokenizer) > vocab:
             raise CheckpointError(

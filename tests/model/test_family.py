@@ -45,7 +45,7 @@ def test_load_pipeline_picks_the_family_from_model_index(tiny_checkpoint):
     assert type(pipe) is CogView3PlusPipeline
     assert pipe.identity == {"family": "CogView3PlusPipeline", "path": tiny_checkpoint,
                              "config_hash": config_hash(tiny_checkpoint), "compile": "none",
-                             "attention": "flash", "dtype": "float32"}
+                             "attention": "flash", "dtype": "float32", "kernels": 2}
     assert (pipe.size_multiple, pipe.max_size_px, pipe.max_sequence_length) == (16, 1024, 224)
 
 

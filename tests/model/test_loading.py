@@ -1,5 +1,6 @@
 """Checkpoint loading: diffusers-saved folders load through our loader; bad folders are refused clearly."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,3 +306,72 @@ def test_float16_is_refused_with_reason(name):
 def test_unknown_dtype_is_refused():
     with pytest.raises(CheckpointError, match="Unknown dtype 'int8'"):
         resolve_dtype("int8", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# straight to the device, one copy in host memory
+
+# Runs in a fresh process, so its peak RSS is the load's: a warm-up load of `tiny` pays the lazy
+# imports, then VmHWM is reset (Linux >= 4.0) and `small` is loaded.
+_RSS_SCRIPT = """
+import json, sys
+from pathlib import Path
+from cogview_ray.model.cogview3plus import CogView3PlusPipeline
+def rss():
+    f = dict(l.split(':', 1) for l in Path('/proc/self/status').read_text().splitlines() if ':' in l)
+    return int(f['VmRSS'].split()[0]) * 1024, int(f['VmHWM'].split()[0]) * 1024
+CogView3PlusPipeline.from_pretrained(sys.argv[1], device='cpu', dtype='float32')
+before, _ = rss()
+Path('/proc/self/clear_refs').write_text('5')
+pipe = CogView3PlusPipeline.from_pretrained(sys.argv[2], device='cpu', dtype='float32')
+after, peak = rss()
+print(json.dumps({'before': before, 'after': after, 'peak': peak}))
+"""
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    from cogview_ray.model.checkpoint import make_checkpoint
+
+    return make_checkpoint("small", tmp_path_factory.mktemp("small") / "ckpt")
+
+
+def test_pipeline_loads_every_component_off_meta_with_shared_storage(small_checkpoint):
+    pipe = CogView3PlusPipeline.from_pretrained(small_checkpoint, device="cpu", dtype="bfloat16")
+    t5 = pipe.text_encoder.model
+    for name, module in (("transformer", pipe.transformer), ("vae", pipe.vae), ("text_encoder", t5)):
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        assert not [n for n, t in tensors.items() if t.is_meta], name
+        assert {t.device.type for t in tensors.values()} == {"cpu"}, name
+        assert {t.dtype for n, t in tensors.items() if n != "patch_embed.pos_embed"} == {torch.bfloat16}, name
+    # T5's token embedding is the shared table, held once
+    assert t5.encoder.embed_tokens.weight.data_ptr() == t5.shared.weight.data_ptr()
+    # q, k, v are views into the fused projection, which holds the checkpoint's values
+    attn = pipe.transformer.transformer_blocks[0].attn1
+    d = attn.heads * attn.head_dim
+    assert attn.to_k.weight.data_ptr() == attn.qkv_weight[d:].data_ptr()
+    disk = load_safetensors_state(small_checkpoint / "transformer")
+    assert torch.equal(attn.qkv_weight[d:2 * d], disk["transformer_blocks.0.attn1.to_k.weight"].bfloat16())
+    assert set(pipe.transformer.state_dict()) == set(disk)
+
+
+def test_pipeline_load_holds_one_copy_of_the_weights(tiny_checkpoint, small_checkpoint):
+    import json
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to reset the peak RSS")
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tiny_checkpoint), str(small_checkpoint)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rss = json.loads(out.strip().splitlines()[-1])
+    weights = sum(p.stat().st_size for c in ("transformer", "vae", "text_encoder")
+                  for p in (small_checkpoint / c).glob("*.safetensors"))
+    cfg = json.loads((small_checkpoint / "transformer" / "config.json").read_text())
+    inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    table = cfg["pos_embed_max_size"] ** 2 * inner * 4  # the float32 position table, computed at load
+    # float32 on disk and in memory: one copy is `weights` (less the unread VAE encoder) + the table;
+    # a loader holding a second copy would grow by about 2x
+    growth = rss["peak"] - rss["before"]
+    assert growth <= 1.3 * (weights + table), (growth, weights, table)
+    assert rss["after"] - rss["before"] >= 0.5 * weights  # the measurement saw the load at all

@@ -154,3 +154,18 @@ def test_one_tokenizer_call_gives_truncated_ids_and_full_counts(encoder, max_len
     counting.calls = 0
     single.encode(prompts, max_sequence_length=max_len)
     assert counting.calls == 1
+
+
+def test_encoder_is_built_on_meta_and_loaded_by_assignment(checkpoint, monkeypatch):
+    """No `from_pretrained` (it loads on the host, then moves): the meta-device path, embedding held once."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("T5EncoderModel.from_pretrained must not be used")
+
+    monkeypatch.setattr(transformers.T5EncoderModel, "from_pretrained", refuse)
+    model = TextEncoder.from_folders(checkpoint / "text_encoder", checkpoint / "tokenizer", "cpu",
+                                     torch.bfloat16).model
+    assert not model.training and not any(p.requires_grad or p.is_meta for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.encoder.embed_tokens.weight.data_ptr() == model.shared.weight.data_ptr()

@@ -102,3 +102,54 @@ def test_compiled_fullgraph_matches_eager():
     explanation = torch._dynamo.explain(ours)(**inp)
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+def test_fused_qkv_gives_the_bits_of_three_projections_and_keeps_official_keys():
+    from cogview_ray.model.cogview3plus.transformer import JointAttention
+
+    torch.manual_seed(0)
+    attn = JointAttention(160, 4, 40).eval()  # the real head size
+    official = {f"{p}.{w}" for p in ("to_q", "to_k", "to_v", "to_out.0") for w in ("weight", "bias")}
+    assert set(attn.state_dict()) == official
+    s = torch.randn(2, 100, 160)
+    with torch.no_grad():
+        fused = torch.nn.functional.linear(s, attn.qkv_weight, attn.qkv_bias)
+        separate = torch.cat([attn.to_q(s), attn.to_k(s), attn.to_v(s)], dim=-1)
+    assert torch.equal(fused, separate)
+    # a load by copy or by assignment, and a dtype move, all keep the fused buffers in step
+    new = {k: torch.randn_like(v) for k, v in attn.state_dict().items()}
+    attn.load_state_dict(new, assign=True)
+    assert torch.equal(attn.qkv_weight[160:320], new["to_k.weight"])
+    attn.to(torch.bfloat16)
+    assert attn.qkv_weight.dtype == torch.bfloat16
+    assert attn.to_v.weight.data_ptr() == attn.qkv_weight[320:].data_ptr()
+
+
+def test_attention_makes_no_hidden_copies():
+    """q/k layer norm runs on views of the fused output: the only copies are the two GEMMs' bias fills."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cogview_ray.model.cogview3plus.transformer import JointAttention
+
+    attn = JointAttention(160, 4, 40).eval()
+    s = torch.randn(2, 50, 160)
+    with torch.inference_mode():
+        attn(s)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            attn(s)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::addmm") == 2 and counts.get("aten::native_layer_norm") == 1
+    assert counts.get("aten::copy_", 0) == 2 and "aten::clone" not in counts and "aten::contiguous" not in counts
+
+
+def test_onednn_gemms_stay_within_parity_and_are_float32_cpu_only():
+    cfg = dict(TINY, attention_head_dim=40, num_attention_heads=2, text_embed_dim=8)  # real head size
+    ref = _reference(cfg)
+    ours = _ours_from(ref, cfg)
+    assert ours.use_onednn() and ours.transformer_blocks[0].ff.onednn
+    inp = _inputs()
+    with torch.no_grad():
+        expected = ref(**inp, return_dict=False)[0]
+        got = ours(**inp)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not _ours_from(ref, cfg, torch.bfloat16).use_onednn()
