@@ -30,6 +30,7 @@ from cogview_ray.model import load_pipeline, resolve_device  # noqa: E402
 from cogview_ray.model.attention import ATTENTION_BACKENDS, fa3_available  # noqa: E402
 from cogview_ray.model.checkpoint import make_checkpoint  # noqa: E402
 from cogview_ray.model.compiled import COMPILE_MODES  # noqa: E402
+from cogview_ray.model.pipeline_base import sync  # noqa: E402
 
 # (device-name fragment, dense bf16, fp32 without tensor cores) TFLOP/s from vendor datasheets;
 # the first fragment found in torch.cuda.get_device_name() wins, so specific names come first
@@ -67,11 +68,6 @@ def plan_variants(compiles: list[str], attentions: list[str]) -> list[tuple[str,
     if len(compiles) > 1 and len(attentions) > 1:
         return [("none", a) for a in attentions] + [(c, attentions[0]) for c in compiles if c != "none"]
     return [(c, a) for c in compiles for a in attentions]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 PRESET_NAMES = ["tiny", "small", "full", "tiny-cogview4", "small-cogview4", "full-cogview4"]
@@ -154,10 +150,10 @@ _clock = CLOCKS["wall"]
 
 
 def _timed(device, fn) -> float:
-    _sync(device)
+    sync(device)
     t0 = _clock()
     fn()
-    _sync(device)
+    sync(device)
     return _clock() - t0
 
 

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from .. import loading
 from ..attention import resolve_attention
-from ..compiled import CompiledModule, compile_module
+from ..compiled import compile_module
 from ..family import GenerateResult
+from ..pipeline_base import PipelineBase, check_text_width, sync
 from ..text_encoder import TextEncoder
 from ..vae import VAEConfig, VAEDecoder
 from .sampling import decode, denoise, encode_negative, encode_prompts, get_noise
@@ -31,12 +31,7 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 224
 KERNELS = 2
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class CogView3PlusPipeline:
+class CogView3PlusPipeline(PipelineBase):
     class_name = "CogView3PlusPipeline"  # model_index.json `_class_name`
     components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -56,10 +51,7 @@ class CogView3PlusPipeline:
         # `compiler(module, mode)` stands in for torch.compile (a test fakes CUDA-graph buffers)
         self._denoise = compile_module(transformer, compile, compiler)
         self._decode = compile_module(vae, compile, compiler)
-        # everything here changes output bytes: the worker reports it as the run's runtime identity
-        self.identity = {"family": self.class_name, "path": str(path),
-                         "config_hash": loading.config_hash(path) if path else "", "compile": compile,
-                         "attention": attention, "dtype": str(dtype).removeprefix("torch."), "kernels": KERNELS}
+        self.identity = {**self._identity(path, compile, attention), "kernels": KERNELS}
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device=None, dtype=None, compile: str = "none",
@@ -84,10 +76,7 @@ class CogView3PlusPipeline:
             transformer.use_onednn()  # float32 on CPU: oneDNN GEMMs, about 1.2x MKL's here
         text_encoder = TextEncoder.from_folders(root / "text_encoder", root / "tokenizer", device, dtype)
         s_cfg = SchedulerConfig.from_dict(loading.load_component_config(root / "scheduler"))
-        if text_encoder.hidden_size != t_cfg.text_embed_dim:
-            raise loading.CheckpointError(
-                f"text_encoder width {text_encoder.hidden_size} does not match transformer text_embed_dim "
-                f"{t_cfg.text_embed_dim} in {root}")
+        check_text_width(text_encoder, t_cfg.text_embed_dim, root)
         return cls(transformer.eval(), vae.eval(), text_encoder, s_cfg, device, dtype, str(path), compile,
                    attention)
 
@@ -105,29 +94,13 @@ class CogView3PlusPipeline:
     def max_sequence_length(self) -> int:
         return self.text_encoder.model_max_length or DEFAULT_MAX_SEQUENCE_LENGTH
 
-    def validate_size(self, height: int, width: int) -> None:
-        m, top = self.size_multiple, self.max_size_px
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % m or v > top:
-                raise ValueError(f"{name} {v} must be a positive multiple of {m} and at most {top} px")
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.vae.downscale_factor
-        return (self.transformer.config.in_channels, height // f, width // f)
-
     # -- generation --------------------------------------------------------------------------
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], height: int, width: int,
                  num_inference_steps: int = 50, guidance_scale: float = 5.0, negative_prompt=None,
                  max_sequence_length: Optional[int] = None) -> GenerateResult:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        if not prompts:
-            raise ValueError("generate() needs at least one prompt")
-        self.validate_size(height, width)
-        max_len = self.max_sequence_length if max_sequence_length is None else max_sequence_length
+        prompts, max_len = self._arguments(prompts, seeds, height, width, max_sequence_length)
         n, dev = len(prompts), self.device
         timings = {}
 
@@ -139,14 +112,14 @@ class CogView3PlusPipeline:
             texts = [torch.stack([neg[i], cond[i]]) for i in range(n)]  # [2, L, D]: uncond, cond
         else:
             texts = [cond[i:i + 1] for i in range(n)]
-        _sync(dev)
+        sync(dev)
         timings["text_encoding"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         latents = get_noise(seeds, self.latent_shape(height, width), self.dtype, dev)
         latents = denoise(self._denoise, latents, texts, self.scheduler_config, num_inference_steps,
                           guidance_scale, height, width)
-        _sync(dev)
+        sync(dev)
         timings["denoising"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -162,10 +135,3 @@ class CogView3PlusPipeline:
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       max_sequence_length=max_sequence_length)
         return time.perf_counter() - t0
-
-    def seal_compiled(self) -> None:
-        """After the warm-ups: shapes not compiled by now run eagerly instead of compiling mid-shard,
-        so which rows run compiled depends on the warmed-up sizes only."""
-        for fn in (self._denoise, self._decode):
-            if isinstance(fn, CompiledModule):
-                fn.seal()

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from .. import loading
 from ..attention import resolve_attention
 from ..compiled import CompiledModule, compile_module
 from ..family import GenerateResult
+from ..pipeline_base import PipelineBase, check_text_width, sync
 from ..vae import VAEConfig, VAEDecoder
 from .dynamic_text import compile_transformer
 from .sampling import decode, denoise, encode_prompts, get_noise, negative_prompts
@@ -33,12 +33,7 @@ PATCHES_PER_SIZE_STEP = 2
 COMPILED_KERNELS = 2
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class CogView4Pipeline:
+class CogView4Pipeline(PipelineBase):
     class_name = "CogView4Pipeline"  # model_index.json `_class_name`
     components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -58,10 +53,7 @@ class CogView4Pipeline:
         # `compiler(module, mode)` stands in for torch.compile (a test fakes it)
         self._denoise = compile_transformer(transformer, compile, compiler)  # dynamic text length
         self._decode = compile_module(vae, compile, compiler)
-        # everything here changes output bytes: the worker reports it as the run's runtime identity
-        self.identity = {"family": self.class_name, "path": str(path),
-                         "config_hash": loading.config_hash(path) if path else "", "compile": compile,
-                         "attention": attention, "dtype": str(dtype).removeprefix("torch.")}
+        self.identity = self._identity(path, compile, attention)
         if compile != "none":
             # compiled bytes changed when the text length became dynamic (one graph for every
             # length, where unwarmed lengths used to run eagerly): a resume never mixes the two
@@ -89,10 +81,7 @@ class CogView4Pipeline:
             loading.load_safetensors_state(root / "vae", drop_prefixes=VAEDecoder.unused_prefixes),
             device, dtype, "vae")
         text_encoder = GlmTextEncoder.from_folders(root / "text_encoder", root / "tokenizer", device, dtype)
-        if text_encoder.hidden_size != t_cfg.text_embed_dim:
-            raise loading.CheckpointError(
-                f"text_encoder width {text_encoder.hidden_size} does not match transformer text_embed_dim "
-                f"{t_cfg.text_embed_dim} in {root}")
+        check_text_width(text_encoder, t_cfg.text_embed_dim, root)
         return cls(transformer, vae, text_encoder, s_cfg, device, dtype, str(path), compile, attention)
 
     # -- limits ------------------------------------------------------------------------------
@@ -112,29 +101,13 @@ class CogView4Pipeline:
         declared = self.text_encoder.model_max_length
         return min(declared, DEFAULT_MAX_SEQUENCE_LENGTH) if declared else DEFAULT_MAX_SEQUENCE_LENGTH
 
-    def validate_size(self, height: int, width: int) -> None:
-        m, top = self.size_multiple, self.max_size_px
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % m or v > top:
-                raise ValueError(f"{name} {v} must be a positive multiple of {m} and at most {top} px")
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.vae.downscale_factor
-        return (self.transformer.config.in_channels, height // f, width // f)
-
     # -- generation --------------------------------------------------------------------------
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], height: int, width: int,
                  num_inference_steps: int = 50, guidance_scale: float = 5.0, negative_prompt=None,
                  max_sequence_length: Optional[int] = None) -> GenerateResult:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        if not prompts:
-            raise ValueError("generate() needs at least one prompt")
-        self.validate_size(height, width)
-        max_len = self.max_sequence_length if max_sequence_length is None else max_sequence_length
+        prompts, max_len = self._arguments(prompts, seeds, height, width, max_sequence_length)
         n, dev = len(prompts), self.device
         timings = {}
 
@@ -143,14 +116,14 @@ class CogView4Pipeline:
         unconds = None
         if guidance_scale > 1.0:
             unconds, _ = encode_prompts(self.text_encoder, negative_prompts(negative_prompt, n), max_len)
-        _sync(dev)
+        sync(dev)
         timings["text_encoding"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         latents = get_noise(seeds, self.latent_shape(height, width), dev)
         latents = denoise(self._denoise, latents, conds, unconds, self.scheduler_config, num_inference_steps,
                           guidance_scale, height, width, self.transformer.config.patch_size, self.dtype)
-        _sync(dev)
+        sync(dev)
         timings["denoising"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -174,7 +147,7 @@ class CogView4Pipeline:
         self.generate(["warm-up"] * batch_size, list(range(batch_size)), height, width,
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       max_sequence_length=max_sequence_length)
-        _sync(self.device)
+        sync(self.device)
         return time.perf_counter() - t0
 
     @torch.inference_mode()
@@ -186,9 +159,3 @@ class CogView4Pipeline:
         sizes = torch.tensor([[height, width]], dtype=dt, device=dev)
         t = torch.full((1,), float(self.scheduler_config.num_train_timesteps), device=dev)
         return self._denoise(x, text, t, sizes, sizes, torch.zeros_like(sizes))
-
-    def seal_compiled(self) -> None:
-        """After the warm-ups: shapes not compiled by now run eagerly instead of compiling mid-shard."""
-        for fn in (self._denoise, self._decode):
-            if isinstance(fn, CompiledModule):
-                fn.seal()
