@@ -91,8 +91,14 @@ def main(argv=None) -> int:
     ap.add_argument("--only-pipeline", action="store_true", help="load only the whole pipeline (a worker's load)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    root = Path(args.checkpoint) if args.checkpoint else make_checkpoint(
-        args.preset, Path(tempfile.mkdtemp()) / args.preset)
+    if args.checkpoint:
+        return measure(Path(args.checkpoint), args, dtype)
+    with tempfile.TemporaryDirectory() as tmp:  # the written preset goes with it
+        return measure(make_checkpoint(args.preset, Path(tmp) / args.preset), args, dtype)
+
+
+def measure(root: Path, args, dtype: torch.dtype) -> int:
+    """Load each component, then the whole pipeline; print times and RSS, then one JSON line."""
     disk = {c: sum(p.stat().st_size for p in (root / c).glob("*.safetensors")) for c in COMPONENTS}
     print(f"checkpoint {root} | {args.device} {args.dtype} | on disk (GiB): "
           + ", ".join(f"{c} {disk[c] / GIB:.2f}" for c in COMPONENTS))

@@ -74,11 +74,11 @@ class CogView4Pipeline(PipelineBase):
                                           "CogView4 decodes without a shift, so only 0 or null is supported.")
         s_cfg = SchedulerConfig.from_dict(loading.load_component_config(root / "scheduler"))
         transformer = loading.build_and_load(
-            lambda: CogView4Transformer(t_cfg), loading.load_safetensors_state(root / "transformer"),
+            lambda: CogView4Transformer(t_cfg), loading.open_safetensors_state(root / "transformer"),
             device, dtype, "transformer")
         vae = loading.build_and_load(
             lambda: VAEDecoder(v_cfg),
-            loading.load_safetensors_state(root / "vae", drop_prefixes=VAEDecoder.unused_prefixes),
+            loading.open_safetensors_state(root / "vae", drop_prefixes=VAEDecoder.unused_prefixes),
             device, dtype, "vae")
         text_encoder = GlmTextEncoder.from_folders(root / "text_encoder", root / "tokenizer", device, dtype)
         check_text_width(text_encoder, t_cfg.text_embed_dim, root)
