@@ -25,6 +25,10 @@ class RunError(UserError):
     """The run cannot start or cannot go on (no worker could load, workers keep dying)."""
 
 
+class ReportError(UserError):
+    """The report cannot be made; the message says why in one sentence."""
+
+
 class RunLocked(UserError):
     """Another driver holds the run's lock; nothing was written."""
 
