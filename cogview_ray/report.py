@@ -21,6 +21,7 @@ from .errors import ReportError
 from . import manifest as mf
 from .records import count_reasons
 from .run_logs import describe_logs
+from .runtime_check import describe_runtime, read_runtime
 from .report_charts import (FILES, OUTPUT_STAGES, RENDER_STAGES, STAGES, draw_contact_sheet,
                             draw_stage_times, draw_throughput, draw_worker_busy, figure_class, html_text)
 from .storage import RunStore
@@ -40,6 +41,7 @@ class ReportData:
     totals: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)  # rows per reason code, as _SUCCESS.json and verify count
     logs: Optional[str] = None  # where the driver logs and worker errors are (`_logs/`), if any
+    runtime: Optional[str] = None  # what rendered it (`_runtime.json`): torch, device, attention, ...
 
     @property
     def complete(self) -> bool:
@@ -183,6 +185,7 @@ def write_html(data: ReportData, store: RunStore, sample: list[dict], values: di
         "</head><body>",
         f"<h1>Run {e(data.run_id)}</h1><p><code>{e(data.run_url)}</code> &mdash; {e(status)}</p>",
         f"<p id='logs'>Logs: <code>{e(data.logs)}</code></p>" if data.logs else "",
+        f"<p id='runtime'>Rendered by: {e(data.runtime)}</p>" if data.runtime else "",
         "<h2>Totals</h2><table>",
         *(f"<tr><th>{k}</th><td id='total-{k}'>{t[k]}</td></tr>" for k in
           ("rows", "ok", "failed", "rejected", "shards_committed", "failed_shards")),
@@ -237,6 +240,8 @@ def build_report(run_uri: str, out_dir: Optional[str] = None,
     store = store or RunStore.from_run_uri(run_uri, storage_options)
     data = collect(store)
     data.logs = describe_logs(store)
+    runtime = read_runtime(store)  # None for runs made before `_runtime.json`
+    data.runtime = describe_runtime(runtime) if runtime else None
     out_dir = out_dir or f"report-{store.run_id}"
     os.makedirs(out_dir, exist_ok=True)
     sample = sample_ok_rows(data, sample_size, seed)
@@ -249,6 +254,7 @@ def build_report(run_uri: str, out_dir: Optional[str] = None,
     page = os.path.join(out_dir, "report.html")
     write_html(data, store, sample, values, busy, series, page)
     with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump({"run": data.run_url, "complete": data.complete, "logs": data.logs, "totals": data.totals,
+        json.dump({"run": data.run_url, "complete": data.complete, "logs": data.logs, "runtime": data.runtime,
+                   "totals": data.totals,
                    "reasons": data.reasons, "throughput": series, "workers": busy}, f, indent=2, sort_keys=True)
     return ReportResult(out_dir, page, pngs, data, sample)
