@@ -26,6 +26,7 @@ from .progress import Progress
 from .rows import read_shard_rows
 from .run_lock import RunLock
 from .run_logs import DriverLog
+from .runtime_check import check_runtime
 from .shard_queue import ShardQueue, Task
 from .shards import diff_fingerprints, plan_shards
 from .size_survey import survey_sizes
@@ -240,9 +241,7 @@ class Driver:
             self.limits = i.get("limits")
             self._say(f"worker {i['worker_id']} ready on {i['node']} ({i['device']}): "
                       f"load {i['load_s']:.1f}s, compile+warm-up {i['compile_s']:.1f}s")
-            from .runtime_check import check_runtime  # before it renders: a differing runtime is refused
-
-            check_runtime(self.store, i, self.cfg.resume == "force", self._say)
+            check_runtime(self.store, i, self.cfg.resume == "force", self._say)  # refused before it renders
         elif isinstance(event, Done):
             self.metrics.shard_latency(time.time() - event.task.submitted_at)
             try:

@@ -173,6 +173,7 @@ class RenderWorker:
         allowed = [(int(h), int(w)) for h, w in input_sizes if self.limits.allows(h) and self.limits.allows(w)]
         sizes = list(dict.fromkeys(sizes + allowed))
         self.model_hash = self.pipe.identity["config_hash"]
+        self.model_path = strip_userinfo(cfg.model.path)  # as recorded on every manifest row
         self.load_s = time.perf_counter() - t0
         self.compile_s = 0.0
         if cfg.model.compile != "none":
@@ -386,7 +387,7 @@ class RenderWorker:
             out.row, run_id=self.run_id, shard_id=shard.shard_id, status=status, reason=reason,
             queue_s=queue_s, text_encoding_s=t.get("text_encoding"), denoising_s=t.get("denoising"),
             decoding_s=t.get("decoding"), worker_id=self.worker_id, node=self.node, device=self.device_name,
-            attempt=attempt, model_path=strip_userinfo(self.cfg.model.path), model_hash=self.model_hash,
+            attempt=attempt, model_path=self.model_path, model_hash=self.model_hash,
             prompt_truncated=out.truncated, error=error, family=self.family,
             attention=self.pipe.identity.get("attention"), **image)
 

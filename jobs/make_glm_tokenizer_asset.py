@@ -11,14 +11,13 @@ the learned vocabulary, and every encoding starts with `[gMASK]<sop>`.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_tokenizer_asset import build_corpus  # noqa: E402  (the T5 asset's corpus)
+from make_tokenizer_asset import asset_main, build_corpus  # noqa: E402  (the T5 asset's corpus)
 
 VOCAB_SIZE = 1024
 # GLM-4's special tokens, in its order; <|endoftext|> is both eos and pad
@@ -42,12 +41,7 @@ def train(out_path: Path, vocab_size: int = VOCAB_SIZE) -> None:
 
 
 def main() -> None:
-    default = Path(__file__).resolve().parents[1] / "cogview_ray/assets/glm_tokenizer/tokenizer.json"
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default)
-    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
-    args = parser.parse_args()
-    train(args.out, args.vocab_size)
+    asset_main(__doc__, "glm_tokenizer/tokenizer.json", VOCAB_SIZE, train)
 
 
 if __name__ == "__main__":

@@ -147,13 +147,19 @@ def train(out_path: Path, vocab_size: int = VOCAB_SIZE) -> None:
     print(f"wrote {out_path} ({len(model.getvalue())} bytes, vocab {vocab_size})")
 
 
-def main() -> None:
-    default = Path(__file__).resolve().parents[1] / "cogview_ray/assets/tokenizer/spiece.model"
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def asset_main(doc: str, asset: str, vocab_size: int, train_fn) -> None:
+    """The command line of an asset script: `--out` (default: the asset's place in the package)
+    and `--vocab-size`, then `train_fn(out, vocab_size)`."""
+    default = Path(__file__).resolve().parents[1] / "cogview_ray/assets" / asset
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default)
-    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
+    parser.add_argument("--vocab-size", type=int, default=vocab_size)
     args = parser.parse_args()
-    train(args.out, args.vocab_size)
+    train_fn(args.out, args.vocab_size)
+
+
+def main() -> None:
+    asset_main(__doc__, "tokenizer/spiece.model", VOCAB_SIZE, train)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attention_context, make_attend
+from ..attention import PinnedAttention, attention_context
 from ..loading import config_fields
 
 # Keys diffusers writes into config.json that do not shape the network.
@@ -284,7 +284,7 @@ class AdaNormOut(nn.Module):
         return _modulate(x, shift[:, None], scale[:, None], eps=1e-6)
 
 
-class CogView3PlusTransformer(nn.Module):
+class CogView3PlusTransformer(PinnedAttention, nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
@@ -294,14 +294,6 @@ class CogView3PlusTransformer(nn.Module):
         self.norm_out = AdaNormOut(config.time_embed_dim, config.inner_dim)
         p = config.patch_size
         self.proj_out = nn.Linear(config.inner_dim, p * p * config.out_channels)
-        self.attention = None  # the pinned backend (attention.ATTENTION_BACKENDS); None: torch picks
-
-    def set_attention(self, name: str) -> None:
-        """Pin every block's attention to backend `name` (resolved, not "auto")."""
-        attend = make_attend(name)
-        for block in self.transformer_blocks:
-            block.attn1.attend = attend
-        self.attention = name
 
     def use_onednn(self) -> bool:
         """Run the blocks' big GEMMs (q/k/v, out, feed-forward with its GELU) on oneDNN: float32 on

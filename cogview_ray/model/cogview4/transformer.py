@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attention_context, make_attend
+from ..attention import PinnedAttention, attention_context
 from ..cogview3plus.transformer import FeedForward, TimeConditionEmbed
 from ..loading import config_fields
 
@@ -162,7 +162,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x.view(n, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, c * p * p))
 
 
-class CogView4Transformer(nn.Module):
+class CogView4Transformer(PinnedAttention, nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
@@ -172,14 +172,6 @@ class CogView4Transformer(nn.Module):
         self.norm_out = AdaNormOut(config.time_embed_dim, config.inner_dim)
         p = config.patch_size
         self.proj_out = nn.Linear(config.inner_dim, p * p * config.out_channels)
-        self.attention = None  # the pinned backend (attention.ATTENTION_BACKENDS); None: torch picks
-
-    def set_attention(self, name: str) -> None:
-        """Pin every block's attention to backend `name` (resolved, not "auto")."""
-        attend = make_attend(name)
-        for block in self.transformer_blocks:
-            block.attn1.attend = attend
-        self.attention = name
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
         # the backend is pinned inside forward, so a compiled graph traces the pinned kernel
