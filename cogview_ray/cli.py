@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -142,12 +143,17 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except _user_errors() as e:  # evaluated only when an exception is on its way out
         from .credentials import redact_text
 
         print(f"cogview-ray: error: {redact_text(str(e))}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except BrokenPipeError:  # `cogview-ray verify ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # what a shell reports for SIGPIPE
 
 
 if __name__ == "__main__":

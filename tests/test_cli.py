@@ -93,3 +93,21 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch):
     monkeypatch.setattr(cogview_ray.verify, "verify_run", fail)
     with pytest.raises(KeyError):
         main(["verify", "/tmp/out/run"])
+
+
+def test_verify_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`cogview-ray verify RUN | head -0`: the reader is gone before the first line; no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from cogview_ray.storage import RunStore
+    from tests.test_verify import fabricate
+
+    fabricate(RunStore(str(tmp_path / "out"), "run1"))
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "wb") as stdout:
+        done = subprocess.run([sys.executable, "-m", "cogview_ray.cli", "verify", str(tmp_path / "out" / "run1")],
+                              stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
