@@ -110,13 +110,14 @@ NASTY_A = [
     ("steps-huge", "a house", {"num_inference_steps": 10**9}, "rejected", "bad_steps"),
     ("steps-1", "a house", {"num_inference_steps": 1}, "ok", None),
     ("guidance-nan", "a house", {"guidance_scale": math.nan}, "rejected", "bad_guidance"),
+    # rows 15-19 are one shard (shard_size=5): in one shard the first of two twins keeps the id
+    ("dup-in-shard", "a house", {}, "ok", None),
     ("guidance-inf", "a house", {"guidance_scale": math.inf}, "rejected", "bad_guidance"),
     ("guidance-0", "a house", {"guidance_scale": 0.0}, "ok", None),
+    ("dup-in-shard", "another house", {}, "rejected", "duplicate_id"),
     ("seed-negative", "a house", {"seed": -1}, "rejected", "bad_seed"),
-    ("dup-in-shard", "a house", {}, "ok", None),
     ("../x", "a house", {}, "ok", None),
     ("/etc/passwd", "a house", {}, "ok", None),
-    ("dup-in-shard", "another house", {}, "rejected", "duplicate_id"),  # same shard as its twin
     ("", "a house", {}, "rejected", "bad_id"),
     ("a" * 300, "a house", {}, "rejected", "bad_id"),
     (None, "a house", {}, "rejected", "bad_id"),
@@ -160,6 +161,8 @@ def test_nasty_rows_are_rejected_with_reasons_in_a_real_run(ray_cluster, tiny_ch
                 continue
             r = got[(path, i)]
             assert (r["status"], r["reason"]) == (status, reason), (row_id, r["status"], r["reason"])
+    assert [NASTY_A[i][0] for i in (16, 19)] == ["dup-in-shard"] * 2  # the twins share shard 3 (rows 15-19)
+    # in two shards (two workers at once) the first claim wins: either one, exactly once
     shared = [got[(a, len(NASTY_A) - 1)], got[(b, 0)]]
     assert sorted((r["status"], r["reason"]) for r in shared) == [("ok", None), ("rejected", "duplicate_id")]
     huge = next(r for r in rows if r["id"] == "huge-prompt")
