@@ -19,8 +19,8 @@ KEY_SCHEME = 2
 # `Image` feature metadata (1 was plain binary): a run may not mix the two, or `datasets` refuses it.
 PARQUET_SCHEME = 2
 # How the pipelines compute pixels, where a release changes bytes for the same settings. 2: fused
-# q/k/v GEMMs, oneDNN linears and channels-last VAE convolutions (float32 on CPU rounds
-# differently from 1). Recorded from 2 on, so a run rendered by the old kernels is not resumed by
+# q/k/v GEMMs, oneDNN linears and channels-last VAE convolutions in both families (float32 on CPU
+# rounds differently from 1). Recorded from 2 on, so a run rendered by the old kernels is not resumed by
 # the new ones (its explicit run id is refused, its default one differs).
 RENDER_SCHEME = 2
 # Runs made before the scheme was recorded used scheme 1, and their identity has no seed_scheme:

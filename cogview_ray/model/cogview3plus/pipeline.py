@@ -15,7 +15,7 @@ from .. import loading
 from ..attention import resolve_attention
 from ..compiled import compile_module
 from ..family import GenerateResult
-from ..pipeline_base import PipelineBase, check_text_width, sync
+from ..pipeline_base import PipelineBase, check_text_width, sync, use_float32_cpu_kernels
 from ..text_encoder import TextEncoder
 from ..vae import VAEConfig, VAEDecoder
 from .sampling import decode, denoise, encode_negative, encode_prompts, get_noise
@@ -69,11 +69,7 @@ class CogView3PlusPipeline(PipelineBase):
             lambda: VAEDecoder(v_cfg),
             loading.open_safetensors_state(root / "vae", drop_prefixes=VAEDecoder.unused_prefixes),
             device, dtype, "vae")
-        if dtype == torch.float32:
-            # channels-last convolutions: 1.3-2x faster on CPU; within 1e-5 of the reference in
-            # float32, but in bfloat16 the reordered sums drift up to 8/255 from it, so not there
-            vae.use_channels_last()
-            transformer.use_onednn()  # float32 on CPU: oneDNN GEMMs, about 1.2x MKL's here
+        use_float32_cpu_kernels(transformer, vae, dtype)
         text_encoder = TextEncoder.from_folders(root / "text_encoder", root / "tokenizer", device, dtype)
         s_cfg = SchedulerConfig.from_dict(loading.load_component_config(root / "scheduler"))
         check_text_width(text_encoder, t_cfg.text_embed_dim, root)

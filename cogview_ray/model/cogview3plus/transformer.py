@@ -149,8 +149,8 @@ class AdaNormZeroTextImage(nn.Module):
         return tuple(m[:, None] for m in self.linear(F.silu(emb)).chunk(12, dim=1))
 
 
-class JointAttention(nn.Module):
-    """Joint attention with q, k, v as one fused projection.
+class FusedQKV(nn.Module):
+    """Joint attention's parameters with q, k, v as one fused projection (both families).
 
     The checkpoint keys stay the official `to_q` / `to_k` / `to_v`: their parameters are views
     into `qkv_weight` / `qkv_bias` (non-persistent buffers, [3 * H * Dh, D]), rebuilt after every
@@ -165,8 +165,8 @@ class JointAttention(nn.Module):
         self.to_k = nn.Linear(dim, heads * head_dim)
         self.to_v = nn.Linear(dim, heads * head_dim)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Identity()])
-        self.attend = F.scaled_dot_product_attention  # CogView3PlusTransformer.set_attention replaces it
-        self.onednn = False  # CogView3PlusTransformer.use_onednn sets it
+        self.attend = F.scaled_dot_product_attention  # PinnedAttention.set_attention replaces it
+        self.onednn = False  # OneDNNLinears.use_onednn sets it
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
         self.fuse_projections()
@@ -191,6 +191,8 @@ class JointAttention(nn.Module):
         self.fuse_projections()
         return out
 
+
+class JointAttention(FusedQKV):
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         n, length, _ = s.shape
         heads, d = self.heads, self.head_dim
@@ -219,7 +221,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.net = nn.ModuleList([GELUProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-        self.onednn = False  # CogView3PlusTransformer.use_onednn sets it (CogView4 does not)
+        self.onednn = False  # OneDNNLinears.use_onednn sets it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.onednn:
@@ -284,16 +286,8 @@ class AdaNormOut(nn.Module):
         return _modulate(x, shift[:, None], scale[:, None], eps=1e-6)
 
 
-class CogView3PlusTransformer(PinnedAttention, nn.Module):
-    def __init__(self, config: TransformerConfig):
-        super().__init__()
-        self.config = config
-        self.patch_embed = PatchEmbed(config)
-        self.time_condition_embed = TimeConditionEmbed(config)
-        self.transformer_blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
-        self.norm_out = AdaNormOut(config.time_embed_dim, config.inner_dim)
-        p = config.patch_size
-        self.proj_out = nn.Linear(config.inner_dim, p * p * config.out_channels)
+class OneDNNLinears:
+    """For a transformer whose blocks hold `attn1` and `ff` with an `onednn` switch (both families)."""
 
     def use_onednn(self) -> bool:
         """Run the blocks' big GEMMs (q/k/v, out, feed-forward with its GELU) on oneDNN: float32 on
@@ -306,14 +300,34 @@ class CogView3PlusTransformer(PinnedAttention, nn.Module):
             block.attn1.onednn = block.ff.onednn = True
         return True
 
-    def init_buffers(self, device) -> None:
-        self.patch_embed.init_buffers(device)
+
+class DiffusionTransformer(OneDNNLinears, PinnedAttention, nn.Module):
+    """Both families' outer shape: patch and time embeddings, the blocks, a modulated final norm
+    and the un-patching projection (official key names); a family gives its parts and `_forward`."""
+
+    def __init__(self, config, patch_embed: type, block: type, norm_out: type):
+        super().__init__()
+        self.config = config
+        self.patch_embed = patch_embed(config)
+        self.time_condition_embed = TimeConditionEmbed(config)
+        self.transformer_blocks = nn.ModuleList(block(config) for _ in range(config.num_layers))
+        self.norm_out = norm_out(config.time_embed_dim, config.inner_dim)
+        p = config.patch_size
+        self.proj_out = nn.Linear(config.inner_dim, p * p * config.out_channels)
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
         # the backend is pinned inside forward, so a compiled graph traces the pinned kernel
         with attention_context(self.attention):
             return self._forward(hidden_states, encoder_hidden_states, timestep, original_size, target_size,
                                  crop_coords)
+
+
+class CogView3PlusTransformer(DiffusionTransformer):
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config, PatchEmbed, TransformerBlock, AdaNormOut)
+
+    def init_buffers(self, device) -> None:
+        self.patch_embed.init_buffers(device)
 
     def _forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
         n, _, hl, wl = hidden_states.shape

@@ -15,7 +15,7 @@ from .. import loading
 from ..attention import resolve_attention
 from ..compiled import CompiledModule, compile_module
 from ..family import GenerateResult
-from ..pipeline_base import PipelineBase, check_text_width, sync
+from ..pipeline_base import PipelineBase, check_text_width, sync, use_float32_cpu_kernels
 from ..vae import VAEConfig, VAEDecoder
 from .dynamic_text import compile_transformer
 from .sampling import decode, denoise, encode_prompts, get_noise, negative_prompts
@@ -80,6 +80,7 @@ class CogView4Pipeline(PipelineBase):
             lambda: VAEDecoder(v_cfg),
             loading.open_safetensors_state(root / "vae", drop_prefixes=VAEDecoder.unused_prefixes),
             device, dtype, "vae")
+        use_float32_cpu_kernels(transformer, vae, dtype)
         text_encoder = GlmTextEncoder.from_folders(root / "text_encoder", root / "tokenizer", device, dtype)
         check_text_width(text_encoder, t_cfg.text_embed_dim, root)
         return cls(transformer, vae, text_encoder, s_cfg, device, dtype, str(path), compile, attention)

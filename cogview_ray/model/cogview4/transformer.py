@@ -2,7 +2,8 @@
 
 Parameter names equal the diffusers checkpoint keys, so a state dict loads with strict=True.
 `forward` has no host syncs and no branching on tensor values (fullgraph-compilable). The
-time/size embedding and feed-forward are CogView3-Plus's, reused from that family.
+time/size embedding, feed-forward, fused q/k/v projection and oneDNN switch are CogView3-Plus's,
+reused from that family.
 """
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import PinnedAttention, attention_context
-from ..cogview3plus.transformer import FeedForward, TimeConditionEmbed
+from ..cogview3plus.transformer import DiffusionTransformer, FeedForward, FusedQKV, linear
 from ..loading import config_fields
 
 ROPE_THETA = 10000.0
@@ -90,28 +90,24 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return F.layer_norm(x, (x.shape[-1],), eps=1e-5) * (1 + scale) + shift
 
 
-class JointAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, head_dim: int):
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.to_q = nn.Linear(dim, heads * head_dim)
-        self.to_k = nn.Linear(dim, heads * head_dim)
-        self.to_v = nn.Linear(dim, heads * head_dim)
-        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Identity()])
-        self.attend = F.scaled_dot_product_attention  # CogView4Transformer.set_attention replaces it
+class JointAttention(FusedQKV):
+    """CogView4's joint attention: q/k layer norms (eps 1e-5), RoPE on the image tokens only; q, k, v
+    from one fused GEMM as in CogView3-Plus (the official keys are views into it)."""
 
     def forward(self, s: torch.Tensor, lt: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # s: [N, Lt + Li, D], text first; q, k, v: [N, H, L, Dh]
+        # s: [N, Lt + Li, D], text first; q, k, v: [N, H, L, Dh] strided views of the fused output
         n, length, _ = s.shape
-        q, k, v = (f(s).view(n, length, self.heads, self.head_dim).transpose(1, 2)
-                   for f in (self.to_q, self.to_k, self.to_v))
-        q = F.layer_norm(q, (self.head_dim,), eps=1e-5)
-        k = F.layer_norm(k, (self.head_dim,), eps=1e-5)
+        heads, d = self.heads, self.head_dim
+        qkv = linear(s, self.qkv_weight, self.qkv_bias, self.onednn).view(n, length, 3, heads, d)
+        normed = F.layer_norm(qkv, (d,), eps=1e-5)  # v normalised too, and discarded: no copies
+        q, k = normed[:, :, 0].transpose(1, 2), normed[:, :, 1].transpose(1, 2)
+        v = qkv[:, :, 2].transpose(1, 2)
         # RoPE on image tokens only
         q = torch.cat([q[:, :, :lt], apply_rope(q[:, :, lt:], cos, sin)], dim=2)
         k = torch.cat([k[:, :, :lt], apply_rope(k[:, :, lt:], cos, sin)], dim=2)
         out = self.attend(q, k, v)
-        return self.to_out[0](out.transpose(1, 2).reshape(n, length, self.heads * self.head_dim))
+        proj = self.to_out[0]
+        return linear(out.transpose(1, 2).reshape(n, length, heads * d), proj.weight, proj.bias, self.onednn)
 
 
 class TransformerBlock(nn.Module):
@@ -162,22 +158,9 @@ class PatchEmbed(nn.Module):
         return self.proj(x.view(n, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, c * p * p))
 
 
-class CogView4Transformer(PinnedAttention, nn.Module):
+class CogView4Transformer(DiffusionTransformer):
     def __init__(self, config: TransformerConfig):
-        super().__init__()
-        self.config = config
-        self.patch_embed = PatchEmbed(config)
-        self.time_condition_embed = TimeConditionEmbed(config)
-        self.transformer_blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
-        self.norm_out = AdaNormOut(config.time_embed_dim, config.inner_dim)
-        p = config.patch_size
-        self.proj_out = nn.Linear(config.inner_dim, p * p * config.out_channels)
-
-    def forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
-        # the backend is pinned inside forward, so a compiled graph traces the pinned kernel
-        with attention_context(self.attention):
-            return self._forward(hidden_states, encoder_hidden_states, timestep, original_size, target_size,
-                                 crop_coords)
+        super().__init__(config, PatchEmbed, TransformerBlock, AdaNormOut)
 
     def _forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
         n, _, hl, wl = hidden_states.shape

@@ -51,6 +51,8 @@ def test_load_pipeline_selects_cogview4(ours, checkpoint):
     # 32 px steps (two 2x2 patches of 8x latents); pos_embed_max_size 32 patches -> 512 px; GLM's 128k
     # declared limit is capped at the reference's 1024
     assert (ours.size_multiple, ours.max_size_px, ours.max_sequence_length) == (32, 512, 1024)
+    # float32 on CPU: oneDNN GEMMs and channels-last VAE convolutions, as CogView3-Plus (parity below)
+    assert ours.transformer.transformer_blocks[0].ff.onednn and ours.vae.channels_last
     for name in ("from_pretrained", "generate", "warmup", "validate_size"):
         want = list(inspect.signature(getattr(Pipeline, name)).parameters)
         assert list(inspect.signature(getattr(CogView4Pipeline, name)).parameters) == want, name

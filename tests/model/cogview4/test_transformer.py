@@ -34,6 +34,26 @@ def test_forward_matches_reference(models, hl, wl, lt):
     assert (got - want).abs().max().item() <= 1e-5
 
 
+def test_fused_qkv_and_onednn_gemms_stay_within_parity(models, cogview4_reference_checkpoint):
+    """The fused projection keeps the official keys; oneDNN GEMMs (float32 CPU) stay within 1e-5."""
+    ref, _ = models
+    folder = cogview4_reference_checkpoint / "transformer"
+    cfg = TransformerConfig.from_dict(loading.load_component_config(folder))
+    fast = loading.build_and_load(lambda: CogView4Transformer(cfg), loading.load_safetensors_state(folder),
+                                  "cpu", torch.float32, "transformer")
+    assert set(fast.state_dict()) == set(ref.state_dict())
+    assert fast.use_onednn() and fast.transformer_blocks[0].attn1.onednn and fast.transformer_blocks[0].ff.onednn
+    fast.set_attention("flash")
+    g = torch.Generator().manual_seed(7)
+    x, text = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 32, 32, generator=g)
+    t, size, crop = torch.tensor([667.0, 20.0]), torch.tensor([[96.0, 64.0]] * 2), torch.zeros(2, 2)
+    with torch.no_grad():
+        want = ref(x, text, t, size, size, crop, return_dict=False)[0]
+        got = fast(x, text, t, size, size, crop)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert not fast.to(torch.bfloat16).use_onednn()
+
+
 def test_rope_matches_reference():
     from diffusers.models.transformers.transformer_cogview4 import CogView4RotaryPosEmbed
 
