@@ -18,7 +18,8 @@ from tests.reliability import make_cfg, read_trace, set_faults, write_prompts
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
-ROWS = 40  # 10 shards of 4; 3 s a shard keeps the first worker busy while the second node starts
+ROWS = 40
+SHARDS = 20  # of 2 rows; 3 s a shard keeps the first worker alone busy for a minute while the second node starts
 
 
 def _free_port() -> int:
@@ -82,7 +83,7 @@ def test_a_node_joining_mid_run_gets_work_and_the_metrics_move(one_worker_cluste
     data = write_prompts(tmp_path / "prompts.parquet", n=ROWS)
     trace = set_faults(monkeypatch, tmp_path, [{"action": "slow", "scope": "shard", "seconds": 3.0}])
     cfg = make_cfg(tiny_checkpoint, data, tmp_path / "out", run_id, "workers.num_workers=2",
-                   "workers.startup_timeout_s=120")
+                   "workers.startup_timeout_s=120", f"dataset.shard_size={ROWS // SHARDS}")
     outcome, errors = [], []
 
     def run():
@@ -120,8 +121,8 @@ def test_a_node_joining_mid_run_gets_work_and_the_metrics_move(one_worker_cluste
     _until(lambda: _sample(_scrape(port), rows_ok, run_id=run_id, status="ok") - before == ok_rows, 30,
            f"{rows_ok} to reach {ok_rows}")
     text = _scrape(port)
-    assert _sample(text, exported_name("cogview_shards"), run_id=run_id, status="ok") == 10
-    assert _sample(text, exported_name("cogview_shard_latency_seconds") + "_count", run_id=run_id) == 10
+    assert _sample(text, exported_name("cogview_shards"), run_id=run_id, status="ok") == SHARDS
+    assert _sample(text, exported_name("cogview_shard_latency_seconds") + "_count", run_id=run_id) == SHARDS
     assert _sample(text, exported_name("cogview_rows_queued"), run_id=run_id) == 0
     # w00.0 runs on the head: its device-memory gauge was exported there during the run
     assert memory > 10 * 2**20  # a torch process's peak resident set: tens of MiB at least
