@@ -148,18 +148,24 @@ def make_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"Unknown checkpoint preset {preset!r}; choose one of "
                          f"{', '.join([*PRESETS, *COGVIEW4_PRESETS])}.")
-    spec = PRESETS[preset]
+    return write_layout(out_dir, PRESETS[preset], seed, write_transformer, write_text_encoder, write_tokenizer,
+                        SCHEDULER_CONFIG, MODEL_INDEX)
+
+
+def write_layout(out_dir: str | Path, spec: Preset, seed: int, write_transformer, write_text_encoder,
+                 write_tokenizer, scheduler_config: dict, model_index: dict) -> Path:
+    """A family's component writers fill the official layout (the VAE is shared) in `out_dir`,
+    absent or empty; model_index.json is written last, so a folder that has it is complete."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"Checkpoint folder {out} already exists and is not empty.")
     out.mkdir(parents=True, exist_ok=True)
-
     write_transformer(out / "transformer", spec, seed)
     write_vae(out / "vae", spec, seed)
     write_text_encoder(out / "text_encoder", spec, seed)
     write_tokenizer(out / "tokenizer")
-    _write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    _write_json(out / "model_index.json", MODEL_INDEX)
+    _write_json(out / "scheduler" / "scheduler_config.json", scheduler_config)
+    _write_json(out / "model_index.json", model_index)
     return out
 
 
@@ -167,13 +173,19 @@ def make_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
 # Components
 
 
-def write_transformer(folder: Path, spec: Preset, seed: int) -> None:
-    config = TransformerConfig.from_dict(spec.transformer)
+def write_module_weights(folder: Path, module: type, config, class_name: str, spec: Preset, seed: int) -> None:
+    """Random weights for every state-dict key of `module(config)` (shapes from the meta device),
+    with the diffusers config.json of `class_name`."""
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in CogView3PlusTransformer(config).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in module(config).state_dict().items()}
     state = {k: random_tensor(k, shape, seed, spec.dtype) for k, shape in shapes.items()}
-    _write_json(folder / "config.json", _diffusers_config("CogView3PlusTransformer2DModel", spec.transformer))
+    _write_json(folder / "config.json", _diffusers_config(class_name, spec.transformer))
     write_safetensors(state, folder, "diffusion_pytorch_model", spec.shard_bytes)
+
+
+def write_transformer(folder: Path, spec: Preset, seed: int) -> None:
+    write_module_weights(folder, CogView3PlusTransformer, TransformerConfig.from_dict(spec.transformer),
+                         "CogView3PlusTransformer2DModel", spec, seed)
 
 
 def write_vae(folder: Path, spec: Preset, seed: int) -> None:
@@ -187,12 +199,17 @@ def write_vae(folder: Path, spec: Preset, seed: int) -> None:
 
 
 def write_text_encoder(folder: Path, spec: Preset, seed: int) -> None:
-    config = T5Config(**spec.text_encoder)
     with torch.device("meta"):
-        model = T5EncoderModel(config)
-    # allocate directly in the disk dtype (the full encoder is 19 GB in float32)
-    model = model.to(spec.dtype).to_empty(device="cpu")
-    model.tie_weights()  # to_empty gives the shared embedding a second copy
+        model = T5EncoderModel(T5Config(**spec.text_encoder))
+    save_random_pretrained(model, folder, spec, seed, tie=True)
+
+
+def save_random_pretrained(meta_model, folder: Path, spec: Preset, seed: int, tie: bool = False) -> None:
+    """A transformers model made on the meta device, filled with seeded weights in the disk dtype
+    (allocated in it directly: a full text encoder is 19-38 GB in float32) and saved."""
+    model = meta_model.to(spec.dtype).to_empty(device="cpu")
+    if tie:
+        model.tie_weights()  # to_empty gives a shared embedding a second copy
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(random_tensor(name, tuple(param.shape), seed, spec.dtype))

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from . import loading
-from .compiled import CompiledModule
+from .attention import resolve_attention
+from .compiled import CompiledModule, compile_module
 
 
 def sync(device: torch.device) -> None:
@@ -38,6 +39,24 @@ def use_float32_cpu_kernels(transformer, vae, dtype: torch.dtype) -> None:
 class PipelineBase:
     """Mixin for a family pipeline with `transformer`, `vae`, `device`, `dtype`, `_denoise`,
     `_decode`, and the `size_multiple` / `max_size_px` / `max_sequence_length` limits."""
+
+    def _prepare(self, transformer, vae, text_encoder, scheduler_config, device: torch.device, dtype: torch.dtype,
+                 path: str, compile: str, attention: str, compiler, text_tokens: int, compile_denoiser) -> None:
+        """Hold the models; pin the attention backend ("auto" on CUDA is timed at the native image
+        size plus `text_tokens`); compile the denoiser with `compile_denoiser(module, mode,
+        compiler)` and the VAE decoder (`compiler(module, mode)` stands in for torch.compile in
+        tests); set the identity."""
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.scheduler_config = scheduler_config
+        self.device, self.dtype = device, dtype
+        cfg = transformer.config
+        native_tokens = (cfg.sample_size // cfg.patch_size) ** 2
+        attention = resolve_attention(attention, device, dtype, cfg.num_attention_heads, cfg.attention_head_dim,
+                                      native_tokens + text_tokens)
+        transformer.set_attention(attention)
+        self._denoise = compile_denoiser(transformer, compile, compiler)
+        self._decode = compile_module(vae, compile, compiler)
+        self.identity = self._identity(path, compile, attention)
 
     def validate_size(self, height: int, width: int) -> None:
         m, top = self.size_multiple, self.max_size_px

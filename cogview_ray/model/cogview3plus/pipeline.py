@@ -12,7 +12,6 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .. import loading
-from ..attention import resolve_attention
 from ..compiled import compile_module
 from ..family import GenerateResult
 from ..pipeline_base import PipelineBase, check_text_width, sync, use_float32_cpu_kernels
@@ -39,19 +38,11 @@ class CogView3PlusPipeline(PipelineBase):
                  scheduler_config: SchedulerConfig, device: torch.device, dtype: torch.dtype,
                  path: str = "", compile: str = "none", attention: str = "auto",
                  compiler: Optional[Callable] = None):
-        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
-        self.scheduler_config = scheduler_config
-        self.device, self.dtype = device, dtype
-        cfg = transformer.config
-        # timed ("auto" on CUDA) at the native size: 4096 image tokens at 1024 px, plus the text
-        native_tokens = (cfg.sample_size // cfg.patch_size) ** 2
-        attention = resolve_attention(attention, device, dtype, cfg.num_attention_heads, cfg.attention_head_dim,
-                                      native_tokens + self.max_sequence_length)
-        transformer.set_attention(attention)
-        # `compiler(module, mode)` stands in for torch.compile (a test fakes CUDA-graph buffers)
-        self._denoise = compile_module(transformer, compile, compiler)
-        self._decode = compile_module(vae, compile, compiler)
-        self.identity = {**self._identity(path, compile, attention), "kernels": KERNELS}
+        # attention timed at 4096 image tokens (1024 px) plus the text padded to its limit
+        self.text_encoder = text_encoder  # max_sequence_length reads it
+        self._prepare(transformer, vae, text_encoder, scheduler_config, device, dtype, path, compile, attention,
+                      compiler, self.max_sequence_length, compile_module)
+        self.identity["kernels"] = KERNELS
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device=None, dtype=None, compile: str = "none",

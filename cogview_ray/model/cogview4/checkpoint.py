@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import GlmConfig, GlmModel
 
-from ..checkpoint import (SHARD_BYTES, Preset, _diffusers_config, _vae, _write_json, random_tensor, write_safetensors,
-                          write_vae)
+from ..checkpoint import (SHARD_BYTES, Preset, _vae, _write_json, save_random_pretrained, write_layout,
+                          write_module_weights)
 from .transformer import CogView4Transformer, TransformerConfig
 
 DIFFUSERS_VERSION = "0.33.0.dev0"  # what the Hub checkpoint was written with
@@ -107,38 +107,19 @@ PRESETS: dict[str, Preset] = {
 def make_cogview4_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random-weight CogView4 checkpoint of `preset` to `out_dir` (absent or empty).
     model_index.json is written last, so a folder that has it is complete."""
-    spec = PRESETS[preset]
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"Checkpoint folder {out} already exists and is not empty.")
-    out.mkdir(parents=True, exist_ok=True)
-    write_transformer(out / "transformer", spec, seed)
-    write_vae(out / "vae", spec, seed)
-    write_text_encoder(out / "text_encoder", spec, seed)
-    write_tokenizer(out / "tokenizer")
-    _write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    _write_json(out / "model_index.json", MODEL_INDEX)
-    return out
+    return write_layout(out_dir, PRESETS[preset], seed, write_transformer, write_text_encoder, write_tokenizer,
+                        SCHEDULER_CONFIG, MODEL_INDEX)
 
 
 def write_transformer(folder: Path, spec: Preset, seed: int) -> None:
-    config = TransformerConfig.from_dict(spec.transformer)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in CogView4Transformer(config).state_dict().items()}
-    state = {k: random_tensor(k, shape, seed, spec.dtype) for k, shape in shapes.items()}
-    _write_json(folder / "config.json", _diffusers_config("CogView4Transformer2DModel", spec.transformer))
-    write_safetensors(state, folder, "diffusion_pytorch_model", spec.shard_bytes)
+    write_module_weights(folder, CogView4Transformer, TransformerConfig.from_dict(spec.transformer),
+                         "CogView4Transformer2DModel", spec, seed)
 
 
 def write_text_encoder(folder: Path, spec: Preset, seed: int) -> None:
     with torch.device("meta"):
         model = GlmModel(GlmConfig(**spec.text_encoder))
-    # allocate directly in the disk dtype (the full encoder is 38 GB in float32)
-    model = model.to(spec.dtype).to_empty(device="cpu")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(random_tensor(name, tuple(param.shape), seed, spec.dtype))
-    model.save_pretrained(str(folder), max_shard_size=spec.shard_bytes or "50GB")
+    save_random_pretrained(model, folder, spec, seed)
 
 
 def write_tokenizer(folder: Path) -> None:

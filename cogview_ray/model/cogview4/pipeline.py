@@ -12,8 +12,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .. import loading
-from ..attention import resolve_attention
-from ..compiled import CompiledModule, compile_module
+from ..compiled import CompiledModule
 from ..family import GenerateResult
 from ..pipeline_base import PipelineBase, check_text_width, sync, use_float32_cpu_kernels
 from ..vae import VAEConfig, VAEDecoder
@@ -41,19 +40,10 @@ class CogView4Pipeline(PipelineBase):
                  scheduler_config: SchedulerConfig, device: torch.device, dtype: torch.dtype,
                  path: str = "", compile: str = "none", attention: str = "auto",
                  compiler: Optional[Callable] = None):
-        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
-        self.scheduler_config = scheduler_config
-        self.device, self.dtype = device, dtype
-        cfg = transformer.config
-        # timed ("auto" on CUDA) at the native size (sample_size latents) plus a typical prompt
-        native_tokens = (cfg.sample_size // cfg.patch_size) ** 2
-        attention = resolve_attention(attention, device, dtype, cfg.num_attention_heads, cfg.attention_head_dim,
-                                      native_tokens + 128)
-        transformer.set_attention(attention)
-        # `compiler(module, mode)` stands in for torch.compile (a test fakes it)
-        self._denoise = compile_transformer(transformer, compile, compiler)  # dynamic text length
-        self._decode = compile_module(vae, compile, compiler)
-        self.identity = self._identity(path, compile, attention)
+        # attention timed at the native size plus a typical prompt; the transformer compiles with a
+        # dynamic text length
+        self._prepare(transformer, vae, text_encoder, scheduler_config, device, dtype, path, compile, attention,
+                      compiler, 128, compile_transformer)
         if compile != "none":
             # compiled bytes changed when the text length became dynamic (one graph for every
             # length, where unwarmed lengths used to run eagerly): a resume never mixes the two
