@@ -47,6 +47,10 @@ def test_load_pipeline_picks_the_family_from_model_index(tiny_checkpoint):
                              "config_hash": config_hash(tiny_checkpoint), "compile": "none",
                              "attention": "flash", "dtype": "float32", "kernels": 2}
     assert (pipe.size_multiple, pipe.max_size_px, pipe.max_sequence_length) == (16, 1024, 224)
+    # float32 on CPU: oneDNN GEMMs and channels-last VAE convolutions (both families; bf16 has neither)
+    assert pipe.transformer.transformer_blocks[0].attn1.onednn and pipe.vae.channels_last
+    bf16 = load_pipeline(tiny_checkpoint, device="cpu", dtype="bfloat16")
+    assert not bf16.transformer.transformer_blocks[0].attn1.onednn and not bf16.vae.channels_last
 
 
 def test_load_pipeline_dispatches_to_the_registered_class(tmp_path, monkeypatch):
