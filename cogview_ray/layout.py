@@ -26,7 +26,7 @@ LOGS_DIR = "_logs"  # driver logs and worker errors (run_logs.py): kept with the
 # A key becomes a file name with ".json" appended (claims); 200 bytes leaves room in 255.
 MAX_KEY_BYTES = 200
 # Each per-shard folder's file name suffix, so that a listing maps back to shard ids.
-_SUFFIXES = {MANIFEST_DIR: ".parquet", COMMITS_DIR: ".json", FAILED_DIR: ".json"}
+_SUFFIXES = {MANIFEST_DIR: ".parquet", COMMITS_DIR: ".json"}
 # A commit marker of generation N >= 1: `{shard}.gN.json` (generation 0 has no tag).
 _GENERATION = re.compile(r"^(.+)\.g([1-9][0-9]{0,17})\.json$")
 
@@ -127,12 +127,3 @@ def worker_log(worker_id: str, name: str) -> str:
 def is_output(rel: str) -> bool:
     """True if `rel` (already checked to be relative) lies where images are written."""
     return any(rel.startswith(f"{folder}/") for folder in OUTPUT_DIRS)
-
-
-def shard_ids(folder: str, names: Iterable[str]) -> set[str]:
-    """The shard ids in a listing of `manifest/`, `commits/` (any generation) or `failed/` (other
-    names ignored)."""
-    if folder == COMMITS_DIR:
-        return set(newest_generations(names))
-    suffix = _SUFFIXES[folder]
-    return {n[: -len(suffix)] for n in names if n.endswith(suffix)}

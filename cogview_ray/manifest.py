@@ -26,7 +26,7 @@ from cogview_ray.records import (MANIFEST_SCHEMA, STATUSES, RowRecord, ShardResu
 from cogview_ray.errors import UserError
 from cogview_ray.layout import (COMMITS_DIR, MANIFEST_DIR, RUN_INFO, SUCCESS, commit_marker, manifest_part,
                                 newest_generations)
-from cogview_ray.storage import RunStore, check_relative
+from cogview_ray.storage import RunStore, check_relative, json_bytes
 
 _READ_THREADS = 8
 
@@ -89,7 +89,7 @@ def commit_shard(store: RunStore, shard_id: str, summary: dict, part: str | None
     marker = dict(summary)
     marker.update(shard_id=shard_id, manifest=part, manifest_sha256=hashlib.sha256(data).hexdigest(),
                   manifest_bytes=len(data), generation=generation, **counts)
-    return store.create_once(commit_marker(shard_id, generation), _json_bytes(marker))
+    return store.create_once(commit_marker(shard_id, generation), json_bytes(marker))
 
 
 def committed_generations(store: RunStore, fresh: bool = True) -> dict[str, int]:
@@ -204,8 +204,6 @@ def read_manifest(store: RunStore, committed_only: bool = True, columns: list[st
 
 
 # --- run-level files ---------------------------------------------------------------
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _parse_json(store: RunStore, rel: str, data: bytes) -> dict:
@@ -230,7 +228,7 @@ def _read_json(store: RunStore, rel: str) -> dict | None:
 def write_run_info(store: RunStore, info: dict) -> bool:
     """Create `_run.json` once: resolved config (already redacted by the caller), fingerprint,
     versions. False if it exists already (another driver wrote it first: compare with it)."""
-    return store.create_once(RUN_INFO, _json_bytes(info))
+    return store.create_once(RUN_INFO, json_bytes(info))
 
 
 def read_run_info(store: RunStore) -> dict | None:
@@ -244,7 +242,7 @@ def write_success(store: RunStore, summary: dict) -> bool:
     keys = ("rows", "ok", "failed", "rejected", "shards")
     if not isinstance(totals, dict) or not all(isinstance(totals.get(k), int) for k in keys):
         raise ValueError(f"success summary needs 'totals' with integer {', '.join(keys)}")
-    return store.create_once(SUCCESS, _json_bytes(summary))
+    return store.create_once(SUCCESS, json_bytes(summary))
 
 
 def read_success(store: RunStore) -> dict | None:

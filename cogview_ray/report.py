@@ -65,9 +65,9 @@ def collect(store: RunStore) -> ReportData:
     shards = sorted(generations)
     if run_info is None and not shards:
         raise ReportError(f"{store.url()} holds no run (no {layout.RUN_INFO} and no committed shards).")
-    commits = list(mf.read_commits(store, shards, generations).values())
-    commits.sort(key=lambda c: (c.get("committed_at") or 0.0, c["shard_id"]))
-    table = mf.read_manifest(store, columns=COLUMNS)
+    markers = mf.read_commits(store, shards, generations)
+    commits = sorted(markers.values(), key=lambda c: (c.get("committed_at") or 0.0, c["shard_id"]))
+    table = mf.read_manifest(store, columns=COLUMNS, markers=markers)  # the parts these markers name
     rows = table.to_pydict()
     statuses = Counter(rows["status"])
     totals = {"rows": table.num_rows, "ok": statuses["ok"], "failed": statuses["failed"],

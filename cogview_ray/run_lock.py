@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from . import layout
 from .errors import LockLost, RunLocked
-from .storage import RunStore
+from .storage import RunStore, json_bytes
 
 log = logging.getLogger("cogview_ray.run_lock")
 
@@ -147,8 +147,6 @@ def _heartbeat_at(holder: dict) -> float:
         return 0.0
 
 
-def _json_bytes(content: dict) -> bytes:
-    return (json.dumps(content, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 class RunLock:
@@ -189,7 +187,7 @@ class RunLock:
                  "started_at": time.time(), "previous_epoch": holder.epoch if holder is not None else None}
         # create-once: of two drivers taking the same epoch exactly one wins (the lock_id makes
         # these bytes this driver's own, as create_once's retry check needs)
-        if not store.create_once(layout.lock_epoch(epoch), _json_bytes(owner)):
+        if not store.create_once(layout.lock_epoch(epoch), json_bytes(owner)):
             other = read_holder(store)
             raise RunLocked(f"run {store.url()} was locked by another driver "
                             f"({other.describe() if other else 'gone again'}) while this one started")
@@ -215,7 +213,7 @@ class RunLock:
                 if not self._still_mine():
                     return
                 beat += 1
-                self.store.write(layout.lock_heartbeat(self.epoch), _json_bytes(
+                self.store.write(layout.lock_heartbeat(self.epoch), json_bytes(
                     {"epoch": self.epoch, "lock_id": self.lock_id, "beat": beat, "heartbeat_at": time.time()}))
             except Exception as e:  # a missed beat only makes the lock look older
                 log.warning("could not refresh the run lock: %s", e)
@@ -253,7 +251,7 @@ class RunLock:
             return
         try:
             if self._still_mine():
-                self.store.create_once(layout.lock_release(self.epoch), _json_bytes(
+                self.store.create_once(layout.lock_release(self.epoch), json_bytes(
                     {"epoch": self.epoch, "lock_id": self.lock_id, "released_at": time.time()}))
         except Exception as e:  # the lock then looks stale to the next driver
             log.warning("could not release the run lock: %s", e)

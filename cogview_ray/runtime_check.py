@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from .errors import RunRefused
 from .identity import diff_output_defining
 from .layout import RUNTIME
-from .storage import RunStore
+from .storage import RunStore, json_bytes
 
 _SHOWN_CHANGES = 5
 
@@ -25,7 +25,7 @@ def check_runtime(store: RunStore, info: dict, force: bool, say: Callable[[str],
     worker = f"worker {info.get('worker_id', '?')} on {info.get('node', '?')}"
     record = {"runtime": runtime, "worker_id": info.get("worker_id"), "node": info.get("node"),
               "recorded_at": time.time()}
-    if store.create_once(RUNTIME, _json_bytes(record)):
+    if store.create_once(RUNTIME, json_bytes(record)):
         say(f"runtime {describe_runtime(runtime)}")
         return
     recorded = read_runtime(store)
@@ -59,7 +59,3 @@ def describe_runtime(runtime: dict) -> str:
     cudnn = f", cuDNN {runtime['cudnn']}" if runtime.get("cudnn") is not None else ""
     return (f"torch {runtime.get('torch')}{cudnn}, {runtime.get('device')}, attention {runtime.get('attention')}, "
             f"compile {runtime.get('compile')}, {runtime.get('dtype')}")
-
-
-def _json_bytes(obj: dict) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

@@ -38,7 +38,7 @@ def survey_sizes(shards: Iterable[Shard], render_cfg: Any, fs: fsspec.AbstractFi
 
 
 def _file_sizes(shards: list[Shard], render_cfg: Any, fs: fsspec.AbstractFileSystem) -> Counter:
-    """(height, width) -> rows, over the planned rows of one file (shards cover [0, stop))."""
+    """(height, width) -> rows, over the rows of `shards` (one file's pending shards)."""
     first = shards[0]
     try:
         with open_planned(first, fs) as f:
@@ -53,7 +53,7 @@ def _file_sizes(shards: list[Shard], render_cfg: Any, fs: fsspec.AbstractFileSys
     except (pa.ArrowException, OSError, ValueError) as e:
         raise DatasetError(f"Dataset file {first.file}: the height/width columns could not be read "
                            f"({first_line(e)}).") from None
-    table = table.slice(0, max(s.row_stop for s in shards))
+    table = pa.concat_tables([table.slice(s.row_start, s.num_rows) for s in shards])  # zero-copy slices
     columns = []
     for name, default in (("height", render_cfg.height), ("width", render_cfg.width)):
         if name not in wanted:

@@ -3,6 +3,7 @@ path confinement, create-once objects and retries of transient errors."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
@@ -94,6 +95,12 @@ def check_relative(rel: str, *, allow_empty: bool = False) -> str:
     if bad:
         raise ValueError(f"storage path {rel!r} would escape the run prefix or is malformed")
     return rel
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The bytes of every small JSON object a run writes (markers, lock, run files): sorted keys,
+    indented, UTF-8, a final newline; the same object always gives the same bytes."""
+    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def secret_values(options: Any, hinted: bool = False) -> list[str]:

@@ -21,6 +21,7 @@ from cogview_ray import manifest as mf
 from cogview_ray.coverage import RowCoverage, describe_rows, describe_runs, planned_rows, row_runs
 from cogview_ray.duplicates import DuplicateFinder
 from cogview_ray.run_logs import describe_logs
+from cogview_ray.runtime_check import describe_runtime, read_runtime
 from cogview_ray.sinks import iter_container, split_locator
 from cogview_ray.storage import RunStore, check_relative
 
@@ -101,8 +102,6 @@ def verify_run(uri: str, storage_options: Mapping[str, Any] | None = None,
     info = _read_json(store, layout.RUN_INFO, problems)
     if info is None:
         problems.append(f"{layout.RUN_INFO} is missing")
-    from cogview_ray.runtime_check import describe_runtime, read_runtime
-
     runtime = read_runtime(store)  # None for runs made before `_runtime.json`
     report.runtime = describe_runtime(runtime) if runtime else None
     coverage = RowCoverage(planned_rows((info or {}).get("fingerprint")))

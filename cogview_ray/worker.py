@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import threading
 import time
@@ -39,7 +38,6 @@ WRITER_THREADS = 4  # encode + write of finished images, overlapping the next ba
 WRITE_TRIES = 3  # per image (format=files), on top of the store's own retries of transient errors
 WRITE_BACKOFF_S = 0.5  # before the second try; doubled before each later one
 MAX_WRITE_FAILED_ROWS = 4  # beyond this many rows whose write failed, the store is down: the shard fails
-_SHARD_ID = re.compile(r"f(\d{5})-(\d{6})")
 
 
 @dataclass
@@ -190,7 +188,8 @@ class RenderWorker:
         self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         cudnn = torch.backends.cudnn.version() if dev.type == "cuda" else None
         self.runtime = runtime_identity(self.pipe.identity, torch.__version__, self.device_name, cudnn)
-        self.family = family_name(self.pipe.identity["family"])
+        self.family = family_name(self.pipe.identity["family"])  # both as recorded on every manifest row
+        self.attention = self.pipe.identity.get("attention")
         self.store = RunStore(cfg.output.uri, run_id, cfg.output.storage_options)
         self.fs, _ = open_filesystem(cfg.dataset.uri, storage_options_for(cfg.dataset.uri, cfg))
         self._claims = ThreadPoolExecutor(max_workers=CLAIM_THREADS, thread_name_prefix="claim")
@@ -268,10 +267,10 @@ class RenderWorker:
         """Start reading the next shard of the same file (the queue deals a worker consecutive
         shards). Only a full shard has a successor in its file; a wrong guess costs one read."""
         size = int(self.cfg.dataset.shard_size)
-        m = _SHARD_ID.fullmatch(shard.shard_id)
-        if m is None or shard.num_rows != size or int(m.group(1)) != shard.file_index:
+        if shard.num_rows != size or shard.row_start % size:
             return
-        nxt = Shard(shard_id_for(shard.file_index, int(m.group(2)) + 1), shard.file, shard.file_index,
+        # planning numbers a file's shards by row_start // shard_size (shards.plan_shards)
+        nxt = Shard(shard_id_for(shard.file_index, shard.row_stop // size), shard.file, shard.file_index,
                     shard.row_stop, shard.row_stop + size, shard.file_version)
         # the planned version is checked as on any read (read_shard_rows -> open_planned)
         self._prefetch = _Prefetch(nxt, self._reader.submit(
@@ -389,7 +388,7 @@ class RenderWorker:
             decoding_s=t.get("decoding"), worker_id=self.worker_id, node=self.node, device=self.device_name,
             attempt=attempt, model_path=self.model_path, model_hash=self.model_hash,
             prompt_truncated=out.truncated, error=error, family=self.family,
-            attention=self.pipe.identity.get("attention"), **image)
+            attention=self.attention, **image)
 
 
 def _replace(row: RowSpec, **changes) -> RowSpec:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogview_ray.model import load_pipeline, resolve_device  # noqa: E402
 from cogview_ray.model.attention import ATTENTION_BACKENDS, fa3_available  # noqa: E402
-from cogview_ray.model.checkpoint import make_checkpoint  # noqa: E402
+from cogview_ray.model.checkpoint import COGVIEW4_PRESETS, PRESETS, make_checkpoint  # noqa: E402
 from cogview_ray.model.compiled import COMPILE_MODES  # noqa: E402
 from cogview_ray.model.pipeline_base import sync  # noqa: E402
 
@@ -70,7 +70,7 @@ def plan_variants(compiles: list[str], attentions: list[str]) -> list[tuple[str,
     return [(c, a) for c in compiles for a in attentions]
 
 
-PRESET_NAMES = ["tiny", "small", "full", "tiny-cogview4", "small-cogview4", "full-cogview4"]
+PRESET_NAMES = [*PRESETS, *COGVIEW4_PRESETS]
 
 
 def _op_kind(op) -> str:
@@ -122,7 +122,6 @@ def preset_flops(preset: str, height: int, width: int, steps: int, guidance: flo
                  negative_tokens: int) -> dict:
     """`count_flops` for a preset's modules built on the meta device: the full-size count without
     weights or memory. Text lengths are given (a real prompt's tokens are the real tokenizer's)."""
-    from cogview_ray.model.checkpoint import PRESETS
     from cogview_ray.model.vae import VAEConfig, VAEDecoder
 
     if preset.endswith("cogview4"):
@@ -342,7 +341,7 @@ def main(argv=None) -> int:
     src.add_argument("--checkpoint", help="a checkpoint folder in the official layout")
     src.add_argument("--preset", default="small", choices=PRESET_NAMES,
                      help="write a random-weight checkpoint of this preset to a temp dir (default small)")
-    src.add_argument("--random-init", choices=["tiny-cogview4", "small-cogview4", "full-cogview4"],
+    src.add_argument("--random-init", choices=COGVIEW4_PRESETS,
                      help="build this CogView4 preset on the device with random init, nothing written (GPU "
                           "check: no 31 GB checkpoint); implies --skip-reference")
     m.add_argument("--device", default="auto")

@@ -46,6 +46,13 @@ def test_only_planned_rows_count_and_odd_values_are_skipped(tmp_path):
     assert survey_sizes(shards, RENDER, FS) == [(64, 64)]
 
 
+def test_only_the_pending_shards_rows_count_on_a_resume(tmp_path):
+    table = pa.table({"prompt": ["p"] * 15, "height": [64] * 5 + [96] * 5 + [32] * 5, "width": [64] * 15})
+    shards = plan(tmp_path, [table])  # three shards of 5: (64, 64), (96, 64), (32, 64)
+    # shard 1 committed already: its size is not compiled for the rest of the run
+    assert survey_sizes([shards[0], shards[2]], RENDER, FS) == [(32, 64), (64, 64)]
+
+
 def test_no_size_columns_or_string_columns_give_nothing(tmp_path):
     assert survey_sizes(plan(tmp_path, [pa.table({"prompt": ["p"] * 3})]), RENDER, FS) == []
     other = tmp_path / "strings"

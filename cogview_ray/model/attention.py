@@ -66,20 +66,6 @@ def make_attend(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor
     return F.scaled_dot_product_attention
 
 
-class PinnedAttention:
-    """Mixin for a transformer whose blocks attend through `block.attn1.attend`: one backend for
-    every block, pinned by `set_attention`; `attention` names it (None: torch picks)."""
-
-    attention: Optional[str] = None
-
-    def set_attention(self, name: str) -> None:
-        """Pin every block's attention to backend `name` (resolved, not "auto")."""
-        attend = make_attend(name)
-        for block in self.transformer_blocks:
-            block.attn1.attend = attend
-        self.attention = name
-
-
 def attention_context(name: Optional[str]):
     """The context that pins SDPA to backend `name` (dynamo traces it; a no-op for fa3/None)."""
     if name in _SDPA:

@@ -192,13 +192,14 @@ class SafetensorsState(Mapping):
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key][2]
 
+    def __delitem__(self, key: str) -> None:
+        """Forget `key` without reading it."""
+        del self._entries[key]
+
     def pop(self, key: str) -> torch.Tensor:
         tensor = self[key]
-        del self._entries[key]
+        del self[key]
         return tensor
-
-    def discard(self, key: str) -> None:
-        self._entries.pop(key, None)
 
 
 def _read_header(path: Path) -> dict:
@@ -286,7 +287,7 @@ def build_and_load(
             )
     for key in tied:
         if key in state:
-            state.discard(key) if isinstance(state, SafetensorsState) else state.pop(key)
+            del state[key]  # never read: it shares its source's tensor
     loaded = {}
     for key in list(state):
         tensor = state.pop(key)

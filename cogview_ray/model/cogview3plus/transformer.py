@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import PinnedAttention, attention_context
+from ..attention import attention_context, make_attend
 from ..loading import config_fields
 
 # Keys diffusers writes into config.json that do not shape the network.
@@ -66,7 +67,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, onednn: bo
 
     oneDNN's GEMM runs 1.1-1.4x faster than MKL's sgemm on this project's AMD CPUs and fuses the
     GELU into the GEMM's output pass; it rounds differently (about 5e-6), so a model opts in
-    (`CogView3PlusTransformer.use_onednn`) and the pipeline records it in its identity. Under
+    (`DiffusionTransformer.use_onednn`) and the pipeline records it in its identity. Under
     torch.compile the plain path is traced: inductor lowers this op only with frozen weights.
     """
     if onednn and not torch.compiler.is_compiling():
@@ -165,8 +166,8 @@ class FusedQKV(nn.Module):
         self.to_k = nn.Linear(dim, heads * head_dim)
         self.to_v = nn.Linear(dim, heads * head_dim)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Identity()])
-        self.attend = F.scaled_dot_product_attention  # PinnedAttention.set_attention replaces it
-        self.onednn = False  # OneDNNLinears.use_onednn sets it
+        self.attend = F.scaled_dot_product_attention  # DiffusionTransformer.set_attention replaces it
+        self.onednn = False  # DiffusionTransformer.use_onednn sets it
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
         self.fuse_projections()
@@ -221,7 +222,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.net = nn.ModuleList([GELUProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-        self.onednn = False  # OneDNNLinears.use_onednn sets it
+        self.onednn = False  # DiffusionTransformer.use_onednn sets it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.onednn:
@@ -286,8 +287,29 @@ class AdaNormOut(nn.Module):
         return _modulate(x, shift[:, None], scale[:, None], eps=1e-6)
 
 
-class OneDNNLinears:
-    """For a transformer whose blocks hold `attn1` and `ff` with an `onednn` switch (both families)."""
+class DiffusionTransformer(nn.Module):
+    """Both families' outer shape: patch and time embeddings, the blocks, a modulated final norm
+    and the un-patching projection (official key names); a family gives its parts and `_forward`.
+    Every block attends through `block.attn1.attend` and has `onednn` switches on `attn1` and `ff`."""
+
+    attention: Optional[str] = None  # the pinned SDPA backend; None: torch picks
+
+    def __init__(self, config, patch_embed: type, block: type, norm_out: type):
+        super().__init__()
+        self.config = config
+        self.patch_embed = patch_embed(config)
+        self.time_condition_embed = TimeConditionEmbed(config)
+        self.transformer_blocks = nn.ModuleList(block(config) for _ in range(config.num_layers))
+        self.norm_out = norm_out(config.time_embed_dim, config.inner_dim)
+        p = config.patch_size
+        self.proj_out = nn.Linear(config.inner_dim, p * p * config.out_channels)
+
+    def set_attention(self, name: str) -> None:
+        """Pin every block's attention to backend `name` (resolved, not "auto")."""
+        attend = make_attend(name)
+        for block in self.transformer_blocks:
+            block.attn1.attend = attend
+        self.attention = name
 
     def use_onednn(self) -> bool:
         """Run the blocks' big GEMMs (q/k/v, out, feed-forward with its GELU) on oneDNN: float32 on
@@ -299,21 +321,6 @@ class OneDNNLinears:
         for block in self.transformer_blocks:
             block.attn1.onednn = block.ff.onednn = True
         return True
-
-
-class DiffusionTransformer(OneDNNLinears, PinnedAttention, nn.Module):
-    """Both families' outer shape: patch and time embeddings, the blocks, a modulated final norm
-    and the un-patching projection (official key names); a family gives its parts and `_forward`."""
-
-    def __init__(self, config, patch_embed: type, block: type, norm_out: type):
-        super().__init__()
-        self.config = config
-        self.patch_embed = patch_embed(config)
-        self.time_condition_embed = TimeConditionEmbed(config)
-        self.transformer_blocks = nn.ModuleList(block(config) for _ in range(config.num_layers))
-        self.norm_out = norm_out(config.time_embed_dim, config.inner_dim)
-        p = config.patch_size
-        self.proj_out = nn.Linear(config.inner_dim, p * p * config.out_channels)
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords):
         # the backend is pinned inside forward, so a compiled graph traces the pinned kernel
